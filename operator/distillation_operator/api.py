@@ -1,0 +1,589 @@
+"""The ``Distillation`` custom resource (``distillation.dev/v1alpha1``, short name ``dist``).
+
+``spec`` is the runtime's pipeline spec plus what only a cluster needs: where the stages run
+(``placement``), which secrets they get (``secrets``), how the result is served (``serve``) and
+how failures and pauses are handled (``policy``). ``status`` is observed state and an API of its
+own: GitOps tools read ``observedGeneration`` and ``conditions`` to decide health.
+
+``crdgen`` turns these models into the CRD; the handlers validate ``spec`` with them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distillation_runtime.fields import cel
+from distillation_runtime.spec import (
+    API_GROUP,
+    CLUSTER_ONLY_FIELDS,
+    PIPELINE_RULES,
+    PipelineSpec,
+    SpecModel,
+    section,
+)
+
+VERSION = "v1alpha1"
+KIND = "Distillation"
+PLURAL = "distillations"
+SINGULAR = "distillation"
+SHORT_NAMES = ["dist"]
+API_VERSION = f"{API_GROUP}/{VERSION}"
+
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+"""Kubernetes resource quantity (``4``, ``500m``, ``16Gi``), as in the core API's schema."""
+
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ResourceName = Annotated[str, Field(pattern=DNS_SUBDOMAIN, min_length=1, max_length=253)]
+EnvName = Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)]
+Image = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")]
+Labels = dict[str, Annotated[str, Field(max_length=63)]]
+
+CLUSTER_SCHEMES = ("hf://", "s3://", "gs://", "pvc://")
+
+
+# --------------------------------------------------------------------------------------------
+# Placement: where the stages run
+# --------------------------------------------------------------------------------------------
+
+
+class TolerationOperator(StrEnum):
+    """How a toleration matches a taint's value."""
+
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    """Which taint effect a toleration tolerates."""
+
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(SpecModel):
+    """A pod toleration, as in the core API (lets pods land on tainted GPU nodes)."""
+
+    key: str | None = Field(
+        default=None, max_length=316, description="Taint key; empty matches all keys."
+    )
+    operator: TolerationOperator = Field(
+        default=TolerationOperator.EQUAL, description="Exists or Equal."
+    )
+    value: str | None = Field(
+        default=None, max_length=63, description="Taint value to match with operator Equal."
+    )
+    effect: TaintEffect | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="For NoExecute: how long the pod stays bound."
+    )
+
+
+class Resources(SpecModel):
+    """CPU, memory and GPUs of one Ray pod."""
+
+    cpu: Quantity | None = Field(
+        default=None, description="CPU request and limit, e.g. \"8\" or \"500m\". Default: 4."
+    )
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit, e.g. \"64Gi\". Default: 16Gi."
+    )
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="GPUs per pod (placement.gpuResourceName). Default: 0 for the head, 0 for "
+        "workers (CPU only); set it for real models.",
+    )
+
+
+class StagePlacement(Resources):
+    """Ray workers for one stage; fields left empty fall back to placement.workers."""
+
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Ray worker pods for the stage. Default: 1 (train: enough pods for "
+        "train.workers).",
+    )
+    image: Image | None = Field(
+        default=None, description="Image for this stage only (overrides placement.image)."
+    )
+
+
+class StagePlacements(SpecModel):
+    """Per-stage overrides of placement.workers."""
+
+    prune: StagePlacement | None = Field(default=None, description="Prune stage workers.")
+    generate: StagePlacement | None = Field(
+        default=None, description="Teacher generation workers."
+    )
+    train: StagePlacement | None = Field(default=None, description="Training workers.")
+    evaluate: StagePlacement | None = Field(default=None, description="Evaluation workers.")
+    quantize: StagePlacement | None = Field(default=None, description="Quantisation workers.")
+
+
+class EnvVar(SpecModel):
+    """A plain environment variable for every stage pod (never a secret: see spec.secrets)."""
+
+    name: EnvName = Field(description="Variable name.")
+    value: str = Field(max_length=4096, description="Variable value.")
+
+
+class Placement(SpecModel):
+    """Where and how the stage RayJobs run."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.clusterSelector) || (!has(self.head) && !has(self.workers) && "
+                    "!has(self.stages))",
+                    "clusterSelector runs the stages on an existing RayCluster: head, workers "
+                    "and stages cannot be set with it",
+                    ".clusterSelector",
+                )
+            ]
+        }
+    )
+
+    image: Image | None = Field(
+        default=None,
+        description="Runtime image for the stages. Default: the operator's configured runtime "
+        "image (Helm value images.runtime).",
+    )
+    quantize_image: Image | None = Field(
+        default=None,
+        description="Image for the quantize stage (llm-compressor has its own pins). Default: "
+        "the operator's configured quantize image.",
+    )
+    head: Resources | None = Field(
+        default=None, description="The Ray head pod. Default: 2 CPU, 8Gi, no GPU."
+    )
+    workers: StagePlacement | None = Field(
+        default=None, description="Ray worker pods of every stage, unless the stage overrides."
+    )
+    stages: StagePlacements | None = Field(
+        default=None, description="Per-stage overrides of workers."
+    )
+    gpu_resource_name: Annotated[
+        str, Field(pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9][-A-Za-z0-9_.]*$", max_length=253)
+    ] = Field(
+        default="nvidia.com/gpu", description="Extended resource name GPUs are requested as."
+    )
+    node_selector: Labels | None = Field(
+        default=None, description="Node labels every stage pod must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Tolerations for every stage pod."
+    )
+    priority_class_name: ResourceName | None = Field(
+        default=None, description="PriorityClass of the stage pods."
+    )
+    service_account_name: ResourceName | None = Field(
+        default=None, description="ServiceAccount the stage pods run as."
+    )
+    queue_name: Annotated[str, Field(pattern=DNS_LABEL, max_length=63)] | None = Field(
+        default=None,
+        description="Kueue LocalQueue to admit the RayJobs through (label "
+        "kueue.x-k8s.io/queue-name). Kueue then owns suspending and resuming them.",
+    )
+    cluster_selector: Labels | None = Field(
+        default=None,
+        description="Run the stages on an existing RayCluster with these labels instead of "
+        "creating one per stage.",
+    )
+    env: list[EnvVar] | None = Field(
+        default=None,
+        max_length=64,
+        description="Extra plain environment variables for the stage pods (e.g. "
+        "AWS_ENDPOINT_URL).",
+    )
+
+    @model_validator(mode="after")
+    def _existing_cluster_has_no_sizes(self) -> Self:
+        sized = self.head is not None or self.workers is not None or self.stages is not None
+        if self.cluster_selector is not None and sized:
+            raise ValueError(
+                "clusterSelector runs the stages on an existing RayCluster: head, workers and "
+                "stages cannot be set with it"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets, serving, policy
+# --------------------------------------------------------------------------------------------
+
+
+class SecretKeyRef(SpecModel):
+    """One key of a Secret in the Distillation's namespace."""
+
+    name: ResourceName = Field(description="Secret name.")
+    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="HF_TOKEN", description="Key in the Secret."
+    )
+
+
+class ObjectStoreSecret(SpecModel):
+    """S3-compatible credentials, read from a Secret in the Distillation's namespace."""
+
+    name: ResourceName = Field(description="Secret name.")
+    access_key_id_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="AWS_ACCESS_KEY_ID", description="Key holding the access key id."
+    )
+    secret_access_key_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="AWS_SECRET_ACCESS_KEY", description="Key holding the secret access key."
+    )
+
+
+class Secrets(SpecModel):
+    """Secrets the stages need; passed to pods only as secretKeyRef environment variables."""
+
+    hugging_face_token: SecretKeyRef | None = Field(
+        default=None, description="Hugging Face hub token for hf:// models (env HF_TOKEN)."
+    )
+    object_store: ObjectStoreSecret | None = Field(
+        default=None, description="Credentials for s3:// models, data and output."
+    )
+
+
+class ServingRuntime(StrEnum):
+    """Model server of the InferenceService."""
+
+    VLLM = "vllm"
+
+
+class ServeSpec(SpecModel):
+    """Serve the final student with a KServe InferenceService once it passes the gate."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxReplicas) || self.maxReplicas >= self.replicas",
+                    "maxReplicas must be at least replicas",
+                    ".maxReplicas",
+                )
+            ]
+        }
+    )
+
+    runtime: ServingRuntime = Field(default=ServingRuntime.VLLM, description="Model server.")
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica.")
+    replicas: int = Field(default=1, ge=1, le=1000, description="Minimum replicas.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=1000, description="Autoscale up to this many. Default: replicas."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU per replica.")
+    memory: Quantity | None = Field(default=None, description="Memory per replica.")
+    image: Image | None = Field(
+        default=None, description="vLLM image override. Default: the operator's configured one."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="vLLM --max-model-len. Default: the model's."
+    )
+    args: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        default=None, max_length=64, description="Extra vLLM server arguments."
+    )
+    node_selector: Labels | None = Field(
+        default=None, description="Node labels the serving pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=32, description="Tolerations for the serving pods."
+    )
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Self:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(
+                f"maxReplicas is {self.max_replicas} but replicas is {self.replicas}: "
+                "maxReplicas must be at least replicas"
+            )
+        return self
+
+
+class PolicySpec(SpecModel):
+    """Retries, pauses and time limits."""
+
+    retries: int = Field(
+        default=2, ge=0, le=20, description="Times a failed stage is retried before giving up."
+    )
+    backoff_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="Wait before the first retry; doubles on each further retry.",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="Pause: no new stage starts, and a running stage's RayJob is suspended "
+        "(unless Kueue manages it). Set back to false to continue where it stopped.",
+    )
+    stage_deadline_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        description="Fail a stage whose RayJob runs longer than this (activeDeadlineSeconds).",
+    )
+    ttl_seconds_after_finished: int = Field(
+        default=600,
+        ge=0,
+        le=604800,
+        description="Keep a finished stage's Ray cluster this long for inspection.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spec
+# --------------------------------------------------------------------------------------------
+
+_CLUSTER_URI_RULE = (
+    "{field}.matches('^(hf|s3|gs|pvc)://')",
+    "{name} must be hf://, s3://, gs:// or pvc:// in a cluster (local paths work only with "
+    "distill run)",
+)
+
+
+def _cluster_uri_rules() -> list[dict[str, str]]:
+    rules = []
+    for field, name, guard in (
+        ("self.teacher.model", "teacher.model", None),
+        ("self.student.model", "student.model", "has(self.student.model)"),
+        ("self.dataset.prompts", "dataset.prompts", None),
+        ("self.output", "output", None),
+    ):
+        rule = _CLUSTER_URI_RULE[0].format(field=field)
+        if guard:
+            rule = f"!{guard} || {rule}"
+        rules.append(cel(rule, _CLUSTER_URI_RULE[1].format(name=name), "." + name))
+    return rules
+
+
+class DistillationSpec(PipelineSpec):
+    """Desired state: the pipeline, where it runs, and how the result is served."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": PIPELINE_RULES + _cluster_uri_rules()}
+    )
+
+    placement: Placement = section(Placement, "Where and how the stage RayJobs run.")
+    secrets: Secrets | None = Field(
+        default=None, description="Secrets for model hubs and object stores."
+    )
+    serve: ServeSpec | None = Field(
+        default=None,
+        description="Serve the final student (KServe InferenceService, vLLM) once it passes the "
+        "quality gate. Not served when absent.",
+    )
+    policy: PolicySpec = section(PolicySpec, "Retries, suspend and deadlines.")
+
+    @model_validator(mode="after")
+    def _reachable_from_cluster(self) -> Self:
+        for name, uri in (
+            ("teacher.model", self.teacher.model),
+            ("student.model", self.student.model),
+            ("dataset.prompts", self.dataset.prompts),
+            ("output", self.output),
+        ):
+            if uri is not None and not uri.startswith(CLUSTER_SCHEMES):
+                raise ValueError(
+                    f"{name} is {uri!r}: in a cluster it must be hf://, s3://, gs:// or pvc:// "
+                    "(local paths work only with distill run)"
+                )
+        return self
+
+    def pipeline(self) -> PipelineSpec:
+        """The runtime's part of the spec (what the stages and ``distill run`` see)."""
+        data = self.model_dump(by_alias=True, exclude=set(CLUSTER_ONLY_FIELDS))
+        return PipelineSpec.model_validate(data)
+
+
+# --------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------
+
+CONDITION_READY = "Ready"
+CONDITION_RECONCILING = "Reconciling"
+CONDITION_STALLED = "Stalled"
+
+
+class ConditionStatus(StrEnum):
+    """Status of a condition."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class StatusModel(BaseModel):
+    """Base of status models: camelCase, and unknown fields kept out."""
+
+    model_config = SpecModel.model_config | ConfigDict(frozen=False)
+
+
+class Condition(StatusModel):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+        description="Ready, Reconciling, Stalled, or one per stage (e.g. Trained).",
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase machine-readable reason.",
+    )
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this condition was computed for."
+    )
+
+
+class StageState(StrEnum):
+    """Where a stage is."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+
+
+class StageStatus(StatusModel):
+    """Observed state of one stage."""
+
+    name: str = Field(max_length=63, description="Stage name, e.g. generate.")
+    state: StageState = Field(description="Pending, Running, Succeeded, Failed or Skipped.")
+    fingerprint: str | None = Field(
+        default=None, max_length=128, description="Hash of the stage's inputs and config."
+    )
+    ray_job: str | None = Field(
+        default=None, max_length=253, description="Name of the stage's current RayJob."
+    )
+    attempts: int = Field(default=0, ge=0, description="RayJobs started for this stage.")
+    start_time: datetime | None = Field(default=None, description="When the stage started.")
+    completion_time: datetime | None = Field(
+        default=None, description="When the stage finished."
+    )
+    artifact: str | None = Field(
+        default=None, max_length=2048, description="URI of the stage's output."
+    )
+    metrics: dict[str, str] | None = Field(
+        default=None, description="Stage metrics as decimal strings."
+    )
+    message: str | None = Field(
+        default=None, max_length=32768, description="Why the stage is in this state."
+    )
+
+
+class Phase(StrEnum):
+    """Summary of where the whole Distillation is."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class ServingStatus(StatusModel):
+    """The InferenceService serving the student."""
+
+    inference_service: str | None = Field(
+        default=None, max_length=253, description="Name of the InferenceService."
+    )
+    url: str | None = Field(default=None, max_length=2048, description="Where to send requests.")
+    ready: bool = Field(default=False, description="Whether it answers requests.")
+
+
+class DistillationStatus(StatusModel):
+    """Observed state, written only by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this status describes."
+    )
+    phase: Phase | None = Field(default=None, description="Summary of where it is.")
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="Ready (summary), Reconciling (work under way), Stalled (failed; needs a "
+        "spec change), and one per stage.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    current_stage: str | None = Field(
+        default=None, max_length=63, description="The stage running now."
+    )
+    progress: str | None = Field(
+        default=None, max_length=32, description="Stages done out of all, e.g. 3/6."
+    )
+    stages: list[StageStatus] | None = Field(
+        default=None,
+        description="One entry per planned stage, in order.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    metrics: dict[str, str] | None = Field(
+        default=None,
+        description="Final metrics as decimal strings (retention, teacher and student scores).",
+    )
+    serving: ServingStatus | None = Field(default=None, description="The serving endpoint.")
+
+
+# --------------------------------------------------------------------------------------------
+# The resource
+# --------------------------------------------------------------------------------------------
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "Whether the student passed its gate and is delivered.",
+    },
+    {
+        "name": "Stage",
+        "type": "string",
+        "jsonPath": ".status.currentStage",
+        "description": "The stage running now.",
+    },
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Stages done out of all.",
+    },
+    {
+        "name": "Retention",
+        "type": "string",
+        "jsonPath": ".status.metrics.retention",
+        "description": "Student score / teacher score on the held-out prompts.",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+class Distillation(BaseModel):
+    """A teacher distilled into a student, evaluated against it, and served."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    kind: str = KIND
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: DistillationSpec
+    status: DistillationStatus | None = None

@@ -1,0 +1,897 @@
+"""The pipeline spec: teacher, student, data and how to train, quantise and evaluate.
+
+One model, three uses (DESIGN.md): the operator's CRD is generated from it, the operator validates
+``spec`` with it, and ``distill run`` / the stages read their configuration from it. Field names
+are camelCase in YAML (Kubernetes style) and snake_case in Python; descriptions are user
+documentation (they become ``kubectl explain``).
+
+Every cross-field rule is written twice, side by side: as a CEL rule (``x-kubernetes-validations``,
+enforced by the API server at ``kubectl apply``) and as a pydantic validator (enforced by
+``distill run`` and by the operator). Tests hold the two to the same corpus of bad specs.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Self, TypeVar
+
+import yaml
+from pydantic import (
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from distillation_runtime.fields import (
+    MODEL_URI_PATTERN,
+    DecimalString,
+    cel,
+    decimal_string,
+)
+
+API_GROUP = "distillation.dev"
+
+Weight = decimal_string(ge="0")
+Ratio01 = decimal_string(ge="0", le="1")
+OpenRatio01 = decimal_string(gt="0", lt="1")
+Temperature = decimal_string(gt="0", le="100")
+SamplingTemperature = decimal_string(ge="0", le="100")
+TopP = decimal_string(gt="0", le="1")
+LearningRate = decimal_string(gt="0", le="1")
+Retention = decimal_string(gt="0", le="2")
+
+ModelURI = Annotated[str, Field(pattern=MODEL_URI_PATTERN, max_length=1024)]
+"""hf://org/name[@revision], s3://bucket/path, gs://bucket/path, pvc://claim/path, file:// or a
+plain path."""
+StorageURI = ModelURI
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase aliases, unknown fields refused, defaults validated."""
+
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_enum_values=False,
+        frozen=True,
+    )
+
+
+def section(model: type[BaseModel], description: str) -> Any:
+    """A sub-object that is always present, with every field at its default when omitted.
+
+    The JSON schema gets ``default: {}`` so the API server fills in the same defaults.
+    """
+    return Field(
+        default_factory=model, description=description, json_schema_extra={"default": {}}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Models: teacher and student
+# --------------------------------------------------------------------------------------------
+
+
+class DType(StrEnum):
+    """Weights' precision when a model is loaded."""
+
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class TeacherSpec(SpecModel):
+    """The large model whose behaviour the student learns."""
+
+    model: ModelURI = Field(
+        description="Where the teacher's weights are: hf://org/name[@revision] (Hugging Face hub; "
+        "token from the hub secret), s3://bucket/path, pvc://claim/path (a mounted volume) or a "
+        "local path (distill run only)."
+    )
+    dtype: DType = Field(
+        default=DType.AUTO,
+        description="Precision to load the weights in; auto uses the checkpoint's own.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs one teacher replica is split over when it generates (vLLM tensor "
+        "parallelism). Must divide the number of attention heads.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the checkpoint's own Python code to run. Only for checkpoints you trust.",
+    )
+
+
+class DepthImportance(StrEnum):
+    """How the prune stage scores whole layers."""
+
+    COSINE = "cosine"
+    LOSS = "loss"
+
+
+class PruneSpec(SpecModel):
+    """Minitron-style pruning of the teacher: the pruned model is the student's starting weights."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.hiddenSize) || has(self.intermediateSize) || "
+                    "has(self.numAttentionHeads) || has(self.numLayers) || "
+                    "has(self.parameterBudget)",
+                    "set at least one target: hiddenSize, intermediateSize, numAttentionHeads, "
+                    "numLayers or parameterBudget",
+                ),
+                cel(
+                    "!has(self.parameterBudget) || !(has(self.hiddenSize) || "
+                    "has(self.intermediateSize) || has(self.numAttentionHeads) || "
+                    "has(self.numLayers))",
+                    "parameterBudget replaces the explicit sizes: set one or the other",
+                    ".parameterBudget",
+                ),
+            ]
+        }
+    )
+
+    from_: str = Field(
+        default="teacher",
+        alias="from",
+        pattern="^teacher$",
+        description="The model to prune. Only the teacher is supported.",
+    )
+    hidden_size: int | None = Field(
+        default=None, ge=1, description="Target embedding/hidden width (channels kept)."
+    )
+    intermediate_size: int | None = Field(
+        default=None, ge=1, description="Target MLP intermediate width (neurons kept)."
+    )
+    num_attention_heads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Target number of query heads. With grouped-query attention whole KV groups "
+        "are pruned, so this must be a multiple of the heads per group.",
+    )
+    num_layers: int | None = Field(
+        default=None, ge=1, description="Target number of transformer layers (depth pruning)."
+    )
+    parameter_budget: int | None = Field(
+        default=None,
+        ge=1_000_000,
+        description="Target total parameter count; the stage searches width and depth to fit it. "
+        "Use instead of the explicit sizes.",
+    )
+    depth_importance: DepthImportance = Field(
+        default=DepthImportance.COSINE,
+        description="How layers are ranked for depth pruning: cosine (1 - cos(input, output) of "
+        "each block) or loss (loss increase when the block is dropped; slower).",
+    )
+    calibration_samples: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Prompts from the dataset used for the importance forward passes.",
+    )
+
+    @model_validator(mode="after")
+    def _targets(self) -> Self:
+        explicit = [
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_layers,
+        ]
+        if self.parameter_budget is None and all(v is None for v in explicit):
+            raise ValueError(
+                "set at least one target: hiddenSize, intermediateSize, numAttentionHeads, "
+                "numLayers or parameterBudget"
+            )
+        if self.parameter_budget is not None and any(v is not None for v in explicit):
+            raise ValueError(
+                "parameterBudget replaces the explicit sizes: set one or the other"
+            )
+        return self
+
+
+class StudentSpec(SpecModel):
+    """The small model being trained: an existing checkpoint, or one pruned from the teacher."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.model) != has(self.prune)",
+                    "set exactly one of student.model (an existing checkpoint) or "
+                    "student.prune (derive the student from the teacher)",
+                )
+            ]
+        }
+    )
+
+    model: ModelURI | None = Field(
+        default=None,
+        description="Where the student's starting weights are (same forms as teacher.model). "
+        "Leave empty when student.prune is set.",
+    )
+    prune: PruneSpec | None = Field(
+        default=None,
+        description="Derive the student by pruning the teacher. Leave empty when student.model "
+        "is set.",
+    )
+    dtype: DType = Field(default=DType.AUTO, description="Precision to load the weights in.")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the checkpoint's own Python code to run. Only for checkpoints you trust.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.model is None) == (self.prune is None):
+            got = "both" if self.model is not None else "neither"
+            raise ValueError(
+                "set exactly one of student.model (an existing checkpoint) or student.prune "
+                f"(derive the student from the teacher); got {got}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class DatasetFormat(StrEnum):
+    """File format of the prompts."""
+
+    AUTO = "auto"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+
+
+class DatasetSpec(SpecModel):
+    """The prompts of the real workload: what the teacher answers and the student learns from."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.promptField) && has(self.messagesField))",
+                    "set at most one of promptField (plain text prompts) or messagesField "
+                    "(chat messages rendered with the tokenizer's chat template)",
+                )
+            ]
+        }
+    )
+
+    prompts: StorageURI = Field(
+        description="JSONL or Parquet file (or folder of shards) with one prompt per record: "
+        "s3://, gs://, pvc://claim/path or a local path."
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.AUTO,
+        description="File format; auto decides by the file extension.",
+    )
+    prompt_field: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Record field holding the prompt text. Default: prompt.",
+    )
+    messages_field: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Record field holding chat messages ([{role, content}, ...]); they are "
+        "rendered with the tokenizer's chat template. Use instead of promptField.",
+    )
+    reference_field: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Optional record field with a reference answer; evaluation then also scores "
+        "teacher and student against it.",
+    )
+    eval_fraction: OpenRatio01 = Field(
+        default=DecimalString("0.05"),
+        description="Share of prompts held out for evaluation, between 0 and 1 (exclusive). The "
+        "split hashes each prompt, so a prompt always lands on the same side.",
+    )
+    max_prompts: int | None = Field(
+        default=None,
+        ge=1,
+        description="Use at most this many prompts (after dropping duplicates). Default: all.",
+    )
+
+    @model_validator(mode="after")
+    def _one_field(self) -> Self:
+        if self.prompt_field is not None and self.messages_field is not None:
+            raise ValueError(
+                "set at most one of promptField (plain text prompts) or messagesField (chat "
+                "messages rendered with the tokenizer's chat template)"
+            )
+        return self
+
+    @property
+    def text_field(self) -> str:
+        """The field plain-text prompts are read from."""
+        return self.prompt_field or "prompt"
+
+
+# --------------------------------------------------------------------------------------------
+# Generate
+# --------------------------------------------------------------------------------------------
+
+
+class GenerateBackend(StrEnum):
+    """Engine the teacher generates with."""
+
+    AUTO = "auto"
+    TRANSFORMERS = "transformers"
+    VLLM = "vllm"
+
+
+class GenerateSpec(SpecModel):
+    """How the teacher answers the prompts."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.samplesPerPrompt == 1 || double(self.temperature) > 0.0",
+                    "samplesPerPrompt above 1 needs temperature above 0 (greedy decoding gives "
+                    "identical samples)",
+                    ".samplesPerPrompt",
+                )
+            ]
+        }
+    )
+
+    backend: GenerateBackend = Field(
+        default=GenerateBackend.AUTO,
+        description="auto uses vLLM when it is installed and a GPU is present, else transformers.",
+    )
+    max_new_tokens: int = Field(
+        default=512, ge=1, le=131072, description="Longest response, in tokens."
+    )
+    samples_per_prompt: int = Field(
+        default=1, ge=1, le=64, description="Responses generated per prompt."
+    )
+    temperature: SamplingTemperature = Field(
+        default=DecimalString("0"),
+        description="Sampling temperature as a decimal string; \"0\" is greedy decoding.",
+    )
+    top_p: TopP = Field(
+        default=DecimalString("1.0"),
+        description="Nucleus sampling: keep the smallest set of tokens whose probability "
+        "reaches top_p. \"1.0\" keeps all.",
+    )
+    top_logprobs: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Store the teacher's top-k log-probabilities of every generated token, for "
+        "offline logit distillation. 0 stores none.",
+    )
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Strings that end a response (not included in it).",
+    )
+    batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Prompts per generation batch."
+    )
+    seed: int = Field(default=0, ge=0, description="Random seed for sampling.")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> Self:
+        if self.samples_per_prompt > 1 and self.temperature.decimal == 0:
+            raise ValueError(
+                f"samplesPerPrompt is {self.samples_per_prompt} but temperature is 0: more than "
+                "one sample needs temperature above 0 (greedy decoding gives identical samples)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Train
+# --------------------------------------------------------------------------------------------
+
+
+class Divergence(StrEnum):
+    """How the student's token distribution is compared with the teacher's."""
+
+    FORWARD_KL = "forwardKL"
+    REVERSE_KL = "reverseKL"
+    JSD = "jsd"
+
+
+class LogitSource(StrEnum):
+    """Where the teacher's logits come from during training."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class MissingMass(StrEnum):
+    """What offline distillation does with the probability outside the stored top-k."""
+
+    IGNORE = "ignore"
+    UNIFORM = "uniform"
+
+
+class LogitLossSpec(SpecModel):
+    """Logit distillation: match the teacher's next-token distribution."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.topK) || self.source == 'offline'",
+                    "topK applies only to source: offline (the stored top-k log-probs)",
+                    ".topK",
+                ),
+                cel(
+                    "!has(self.beta) || self.divergence == 'jsd'",
+                    "beta applies only to divergence: jsd",
+                    ".beta",
+                ),
+            ]
+        }
+    )
+
+    weight: Weight = Field(
+        default=DecimalString("1.0"), description="Weight of this loss in the sum."
+    )
+    divergence: Divergence = Field(
+        default=Divergence.FORWARD_KL,
+        description="forwardKL (mode covering), reverseKL (mode seeking) or jsd (generalized "
+        "Jensen-Shannon with beta).",
+    )
+    beta: Ratio01 | None = Field(
+        default=None,
+        description="Interpolation of jsd between forward KL (\"0\") and reverse KL (\"1\"). "
+        "Default \"0.5\". Only with divergence: jsd.",
+    )
+    temperature: Temperature = Field(
+        default=DecimalString("1.0"),
+        description="Softmax temperature for both models; the loss is scaled by T squared.",
+    )
+    source: LogitSource = Field(
+        default=LogitSource.OFFLINE,
+        description="offline: from the teacher's top-k log-probs stored by the generate stage "
+        "(needs generate.topLogprobs). online: run the teacher during training (full "
+        "distribution, more GPU memory).",
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Use the first k of the stored log-probs (at most generate.topLogprobs). "
+        "Default: all stored. Only with source: offline.",
+    )
+    missing_mass: MissingMass = Field(
+        default=MissingMass.IGNORE,
+        description="Offline only: ignore the probability outside the top-k (renormalise), or "
+        "spread it uniformly over the rest of the vocabulary.",
+    )
+    chunk_size: int = Field(
+        default=1024,
+        ge=16,
+        le=65536,
+        description="Tokens per chunk when computing logits and the loss, so the full "
+        "[batch, sequence, vocabulary] tensor is never held in memory.",
+    )
+
+    @model_validator(mode="after")
+    def _options_match_mode(self) -> Self:
+        if self.top_k is not None and self.source is not LogitSource.OFFLINE:
+            raise ValueError(
+                f"topK is {self.top_k} but source is {self.source.value}: topK applies only to "
+                "source: offline (the stored top-k log-probs)"
+            )
+        if self.beta is not None and self.divergence is not Divergence.JSD:
+            raise ValueError(
+                f"beta is {self.beta} but divergence is {self.divergence.value}: beta applies "
+                "only to divergence: jsd"
+            )
+        return self
+
+    @property
+    def jsd_beta(self) -> float:
+        """Beta of the generalized JSD (0.5 unless set)."""
+        return float(self.beta) if self.beta is not None else 0.5
+
+
+class FeatureDistance(StrEnum):
+    """Distance between projected student and teacher hidden states."""
+
+    MSE = "mse"
+    COSINE = "cosine"
+
+
+class LayerPair(SpecModel):
+    """One student layer trained to match one teacher layer."""
+
+    student: int = Field(ge=0, description="Student layer index (0 = first transformer block).")
+    teacher: int = Field(ge=0, description="Teacher layer index (0 = first transformer block).")
+
+
+class FeatureLossSpec(SpecModel):
+    """Feature distillation: student hidden states, through a learned projection, match the
+    teacher's. Needs the teacher live during training."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.layerMap.all(p, self.layerMap.exists_one(q, q.student == p.student))",
+                    "each student layer may appear only once in layerMap",
+                    ".layerMap",
+                )
+            ]
+        }
+    )
+
+    weight: Weight = Field(
+        default=DecimalString("1.0"), description="Weight of this loss in the sum."
+    )
+    distance: FeatureDistance = Field(
+        default=FeatureDistance.MSE,
+        description="mse or cosine (1 - cosine similarity), averaged over tokens.",
+    )
+    layer_map: list[LayerPair] = Field(
+        min_length=1,
+        max_length=128,
+        description="Which student layer learns which teacher layer.",
+    )
+
+    @field_validator("layer_map")
+    @classmethod
+    def _unique_students(cls, pairs: list[LayerPair]) -> list[LayerPair]:
+        seen = [p.student for p in pairs]
+        repeated = sorted({s for s in seen if seen.count(s) > 1})
+        if repeated:
+            raise ValueError(
+                f"each student layer may appear only once in layerMap; repeated: {repeated}"
+            )
+        return pairs
+
+
+class LossesSpec(SpecModel):
+    """Which distillation losses are summed, and their weights."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "double(self.response) > 0.0 || has(self.logits) || has(self.features)",
+                    "enable at least one loss: a response weight above 0, logits or features",
+                )
+            ]
+        }
+    )
+
+    response: Weight = Field(
+        default=DecimalString("1.0"),
+        description="Weight of response distillation: cross-entropy on the teacher's generated "
+        "tokens. \"0\" turns it off.",
+    )
+    logits: LogitLossSpec | None = Field(
+        default=None, description="Logit distillation. Off when absent."
+    )
+    features: FeatureLossSpec | None = Field(
+        default=None, description="Feature (hidden state) distillation. Off when absent."
+    )
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> Self:
+        if self.response.decimal == 0 and self.logits is None and self.features is None:
+            raise ValueError(
+                "response weight is 0 and neither logits nor features is set: enable at least "
+                "one loss"
+            )
+        return self
+
+
+class LRScheduler(StrEnum):
+    """Learning-rate schedule after warm-up."""
+
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+class Precision(StrEnum):
+    """Numeric precision of training."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class TrainSpec(SpecModel):
+    """How the student is trained (Ray Train, one to many workers)."""
+
+    losses: LossesSpec = section(LossesSpec, "Distillation losses and their weights.")
+    epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training data.")
+    batch_size: int = Field(
+        default=8, ge=1, le=4096, description="Sequences per worker per optimizer step."
+    )
+    gradient_accumulation: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
+    )
+    max_seq_length: int = Field(
+        default=2048,
+        ge=16,
+        le=1_048_576,
+        description="Prompt plus response, in tokens; longer sequences are truncated.",
+    )
+    learning_rate: LearningRate = Field(
+        default=DecimalString("2e-5"), description="Peak learning rate, e.g. \"2e-5\"."
+    )
+    warmup_ratio: Ratio01 = Field(
+        default=DecimalString("0.03"),
+        description="Share of steps spent warming the learning rate up from 0.",
+    )
+    weight_decay: Weight = Field(
+        default=DecimalString("0.0"), description="AdamW weight decay."
+    )
+    scheduler: LRScheduler = Field(
+        default=LRScheduler.COSINE, description="Learning-rate schedule after warm-up."
+    )
+    max_grad_norm: Weight = Field(
+        default=DecimalString("1.0"),
+        description="Gradient clipping norm; \"0\" turns clipping off.",
+    )
+    precision: Precision = Field(
+        default=Precision.AUTO,
+        description="auto picks bf16 on GPUs that support it, else fp32.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Trade compute for memory by recomputing activations."
+    )
+    workers: int = Field(
+        default=1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas)."
+    )
+    seed: int = Field(default=0, ge=0, description="Random seed for shuffling and init.")
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize and evaluate
+# --------------------------------------------------------------------------------------------
+
+
+class QuantScheme(StrEnum):
+    """llm-compressor schemes saved in compressed-tensors format (loaded natively by vLLM)."""
+
+    FP8_DYNAMIC = "FP8_DYNAMIC"
+    W4A16 = "W4A16"
+    W8A8 = "W8A8"
+
+
+class QuantizeSpec(SpecModel):
+    """Quantise the trained student for serving; evaluation runs again on the result."""
+
+    scheme: QuantScheme = Field(
+        description="FP8_DYNAMIC (no calibration; GPUs with compute capability 8.9+), W4A16 "
+        "(GPTQ int4 weights; 8.0+) or W8A8 (SmoothQuant + GPTQ int8)."
+    )
+    calibration_samples: int = Field(
+        default=512,
+        ge=1,
+        le=100_000,
+        description="Prompt/response pairs from the generate stage used to calibrate (W4A16, "
+        "W8A8).",
+    )
+    ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=lambda: ["lm_head"],
+        max_length=64,
+        description="Modules kept in full precision.",
+    )
+
+
+class Metric(StrEnum):
+    """Quality metrics computed on the held-out prompts."""
+
+    TOKEN_F1 = "tokenF1"
+    ROUGE_L = "rougeL"
+    EXACT_MATCH = "exactMatch"
+    PERPLEXITY = "perplexity"
+
+
+class GateSpec(SpecModel):
+    """The quality bar the student must pass before it is served."""
+
+    metric: Metric = Field(
+        default=Metric.TOKEN_F1,
+        description="Metric the gate compares; must be one of evaluate.metrics.",
+    )
+    min_retention: Retention = Field(
+        default=DecimalString("0.95"),
+        description="Student score divided by the teacher's score on the held-out prompts must "
+        "reach this (for perplexity, teacher divided by student). \"0.95\" = 95% retained.",
+    )
+
+
+def _default_metrics() -> list[Metric]:
+    return [Metric.TOKEN_F1, Metric.ROUGE_L]
+
+
+class EvaluateSpec(SpecModel):
+    """Teacher and student answer the held-out prompts; the gate decides if the student ships."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.gate.metric in self.metrics",
+                    "gate.metric must be one of evaluate.metrics",
+                    ".gate.metric",
+                )
+            ]
+        }
+    )
+
+    metrics: list[Metric] = Field(
+        default_factory=_default_metrics,
+        min_length=1,
+        max_length=8,
+        description="Metrics computed against the teacher's answers (and the reference answers "
+        "when dataset.referenceField is set).",
+    )
+    gate: GateSpec = section(GateSpec, "The quality gate.")
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Evaluate on at most this many held-out prompts."
+    )
+
+    @model_validator(mode="after")
+    def _gate_metric_is_computed(self) -> Self:
+        if self.gate.metric not in self.metrics:
+            computed = ", ".join(m.value for m in self.metrics)
+            raise ValueError(
+                f"gate.metric is {self.gate.metric.value} but evaluate.metrics is [{computed}]: "
+                "the gate metric must be one of evaluate.metrics"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# The whole pipeline
+# --------------------------------------------------------------------------------------------
+
+PIPELINE_RULES = [
+    cel(
+        "!has(self.train.losses.logits) || self.train.losses.logits.source != 'offline' || "
+        "self.generate.topLogprobs > 0",
+        "offline logit distillation needs the teacher's log-probs: set generate.topLogprobs "
+        "above 0, or use train.losses.logits.source: online",
+        ".generate.topLogprobs",
+    ),
+    cel(
+        "!has(self.train.losses.logits) || !has(self.train.losses.logits.topK) || "
+        "self.train.losses.logits.topK <= self.generate.topLogprobs",
+        "train.losses.logits.topK cannot exceed generate.topLogprobs (the log-probs stored)",
+        ".train.losses.logits.topK",
+    ),
+]
+
+
+class PipelineSpec(SpecModel):
+    """A whole distillation: teacher, student, data, stages and where artifacts go."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": PIPELINE_RULES})
+
+    teacher: TeacherSpec = Field(description="The large model to distill from.")
+    student: StudentSpec = Field(description="The small model to train, or how to derive it.")
+    dataset: DatasetSpec = Field(description="The prompts of your workload.")
+    generate: GenerateSpec = section(GenerateSpec, "How the teacher answers the prompts.")
+    train: TrainSpec = section(TrainSpec, "How the student is trained.")
+    quantize: QuantizeSpec | None = Field(
+        default=None,
+        description="Quantise the trained student for serving. No quantisation when absent.",
+    )
+    evaluate: EvaluateSpec = section(EvaluateSpec, "Evaluation and the quality gate.")
+    output: StorageURI = Field(
+        description="Where artifacts go: s3://bucket/prefix, pvc://claim/path or a local folder. "
+        "Each stage writes <output>/<stage>-<fingerprint>/."
+    )
+
+    @model_validator(mode="after")
+    def _offline_logits_have_logprobs(self) -> Self:
+        logits = self.train.losses.logits
+        if logits is None or logits.source is not LogitSource.OFFLINE:
+            return self
+        stored = self.generate.top_logprobs
+        if stored == 0:
+            raise ValueError(
+                "train.losses.logits.source is offline but generate.topLogprobs is 0: offline "
+                "logit distillation needs the teacher's log-probs; set generate.topLogprobs "
+                "above 0, or use source: online"
+            )
+        if logits.top_k is not None and logits.top_k > stored:
+            raise ValueError(
+                f"train.losses.logits.topK is {logits.top_k} but generate.topLogprobs is "
+                f"{stored}: topK cannot exceed the log-probs stored"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and errors
+# --------------------------------------------------------------------------------------------
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; ``problems`` lists one line per offending field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    """``spec`` + ``("train", "layerMap", 0)`` -> ``spec.train.layerMap[0]`` (Kubernetes style)."""
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(root)"
+
+
+def describe_errors(err: ValidationError, prefix: str = "spec") -> list[str]:
+    """One readable line per pydantic error: the field path, what was wrong, the value given."""
+    lines = []
+    for item in err.errors(include_url=False):
+        path = field_path(prefix, item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            lines.append(f"{path}: required field is missing")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown field (check the spelling; fields are camelCase)")
+        elif item["type"] in {"value_error", "assertion_error"}:
+            lines.append(f"{path}: {message}")
+        else:
+            lines.append(f"{path}: {message} (got {item['input']!r})")
+    return lines
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(model: type[M], data: Any, prefix: str = "spec") -> M:
+    """Validate ``data`` as ``model``; raise ``SpecError`` naming every bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(describe_errors(err, prefix)) from None
+
+
+CLUSTER_ONLY_FIELDS = frozenset({"placement", "serve", "policy", "secrets"})
+"""Distillation spec fields that only the operator reads; ``distill run`` ignores them."""
+
+
+def load_pipeline_spec(text: str) -> PipelineSpec:
+    """Parse a pipeline spec from YAML: a bare spec, or a whole Distillation manifest (its
+    cluster-only fields are ignored, so the same file runs locally and in the cluster)."""
+    data = yaml.safe_load(text)
+    if isinstance(data, dict) and "spec" in data and "kind" in data:
+        data = data["spec"]
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: expected a mapping, got {type(data).__name__}"])
+    pipeline = {k: v for k, v in data.items() if k not in CLUSTER_ONLY_FIELDS}
+    return parse_model(PipelineSpec, pipeline)
+
+
+def dump_spec(spec: BaseModel) -> dict[str, Any]:
+    """The spec as YAML-ready data: camelCase keys, decimals as strings, unset fields omitted."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)

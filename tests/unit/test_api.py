@@ -1,0 +1,81 @@
+"""The Distillation resource model: samples, cluster-only rules, the pipeline view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from support.corpus import BadCase, load_corpus, names_field
+
+from distillation_operator.api import Distillation, DistillationSpec, DistillationStatus
+from distillation_runtime.spec import CLUSTER_ONLY_FIELDS, PipelineSpec, SpecError, parse_model
+
+CORPUS = load_corpus()
+
+
+def test_samples_are_valid(samples: dict[str, dict[str, Any]]) -> None:
+    assert set(samples) == {"tiny-cpu", "support-8b-gpu"}
+    for manifest in samples.values():
+        Distillation.model_validate(manifest)
+
+
+def test_gpu_sample_reads_as_a_user_wrote_it(samples: dict[str, dict[str, Any]]) -> None:
+    spec = Distillation.model_validate(samples["support-8b-gpu"]).spec
+    assert spec.teacher.tensor_parallel_size == 8
+    assert spec.quantize is not None and spec.quantize.scheme.value == "W4A16"
+    assert spec.placement.stages is not None and spec.placement.stages.train is not None
+    assert spec.placement.stages.train.replicas == 8
+    assert spec.placement.queue_name == "ml-team"
+    assert spec.secrets is not None and spec.secrets.hugging_face_token is not None
+    assert spec.secrets.hugging_face_token.key == "HF_TOKEN"
+    assert spec.serve is not None and spec.serve.max_replicas == 4
+    assert spec.policy.ttl_seconds_after_finished == 600
+
+
+def test_cluster_only_fields_are_exactly_the_operator_additions() -> None:
+    added = set(DistillationSpec.model_fields) - set(PipelineSpec.model_fields)
+    assert added == CLUSTER_ONLY_FIELDS
+
+
+def test_pipeline_view_drops_cluster_fields(samples: dict[str, dict[str, Any]]) -> None:
+    spec = Distillation.model_validate(samples["tiny-cpu"]).spec
+    pipeline = spec.pipeline()
+    assert type(pipeline) is PipelineSpec
+    assert pipeline.train == spec.train
+    assert pipeline.output == spec.output
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c.name for c in CORPUS])
+def test_corpus_case_is_refused_naming_its_field(case: BadCase) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_model(Distillation, case.manifest, prefix="")
+    lines = caught.value.problems
+    assert any(names_field(line, case.field) for line in lines), (case.why, lines)
+
+
+def test_corpus_is_big_enough() -> None:
+    assert len(CORPUS) >= 40
+
+
+def test_status_serialises_camel_case_with_rfc3339_times() -> None:
+    status = DistillationStatus.model_validate(
+        {
+            "observedGeneration": 3,
+            "phase": "Running",
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "StageRunning",
+                    "message": "train is running",
+                    "lastTransitionTime": "2026-11-28T14:00:00Z",
+                    "observedGeneration": 3,
+                }
+            ],
+            "stages": [{"name": "generate", "state": "Succeeded", "rayJob": "x-generate-1"}],
+            "progress": "1/4",
+        }
+    )
+    data = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert data["conditions"][0]["lastTransitionTime"] == "2026-11-28T14:00:00Z"
+    assert data["stages"][0] == {"name": "generate", "state": "Succeeded", "rayJob": "x-generate-1", "attempts": 0}
