@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from distillation_runtime.fields import cel
 from distillation_runtime.spec import (
@@ -94,10 +94,10 @@ class Resources(SpecModel):
     """CPU, memory and GPUs of one Ray pod."""
 
     cpu: Quantity | None = Field(
-        default=None, description="CPU request and limit, e.g. \"8\" or \"500m\". Default: 4."
+        default=None, description='CPU request and limit, e.g. "8" or "500m". Default: 4.'
     )
     memory: Quantity | None = Field(
-        default=None, description="Memory request and limit, e.g. \"64Gi\". Default: 16Gi."
+        default=None, description='Memory request and limit, e.g. "64Gi". Default: 16Gi.'
     )
     gpus: int | None = Field(
         default=None,
@@ -127,9 +127,7 @@ class StagePlacements(SpecModel):
     """Per-stage overrides of placement.workers."""
 
     prune: StagePlacement | None = Field(default=None, description="Prune stage workers.")
-    generate: StagePlacement | None = Field(
-        default=None, description="Teacher generation workers."
-    )
+    generate: StagePlacement | None = Field(default=None, description="Teacher generation workers.")
     train: StagePlacement | None = Field(default=None, description="Training workers.")
     evaluate: StagePlacement | None = Field(default=None, description="Evaluation workers.")
     quantize: StagePlacement | None = Field(default=None, description="Quantisation workers.")
@@ -180,9 +178,7 @@ class Placement(SpecModel):
     )
     gpu_resource_name: Annotated[
         str, Field(pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9][-A-Za-z0-9_.]*$", max_length=253)
-    ] = Field(
-        default="nvidia.com/gpu", description="Extended resource name GPUs are requested as."
-    )
+    ] = Field(default="nvidia.com/gpu", description="Extended resource name GPUs are requested as.")
     node_selector: Labels | None = Field(
         default=None, description="Node labels every stage pod must match."
     )
@@ -208,8 +204,7 @@ class Placement(SpecModel):
     env: list[EnvVar] | None = Field(
         default=None,
         max_length=64,
-        description="Extra plain environment variables for the stage pods (e.g. "
-        "AWS_ENDPOINT_URL).",
+        description="Extra plain environment variables for the stage pods (e.g. AWS_ENDPOINT_URL).",
     )
 
     @model_validator(mode="after")
@@ -356,8 +351,8 @@ _CLUSTER_URI_RULE = (
 )
 
 
-def _cluster_uri_rules() -> list[dict[str, str]]:
-    rules = []
+def _cluster_uri_rules() -> list[JsonValue]:
+    rules: list[JsonValue] = []
     for field, name, guard in (
         ("self.teacher.model", "teacher.model", None),
         ("self.student.model", "student.model", "has(self.student.model)"),
@@ -479,9 +474,7 @@ class StageStatus(StatusModel):
     )
     attempts: int = Field(default=0, ge=0, description="RayJobs started for this stage.")
     start_time: datetime | None = Field(default=None, description="When the stage started.")
-    completion_time: datetime | None = Field(
-        default=None, description="When the stage finished."
-    )
+    completion_time: datetime | None = Field(default=None, description="When the stage finished.")
     artifact: str | None = Field(
         default=None, max_length=2048, description="URI of the stage's output."
     )

@@ -1,9 +1,8 @@
 """Reusable field types for specs that double as Kubernetes API schemas.
 
 Kubernetes API conventions forbid floats in spec, so ratios, weights and rates are decimal
-strings ("0.5", "2e-5"). ``decimal_string`` builds such a type once: pydantic validates it (and
-refuses YAML floats with a message that shows how to quote them), and its JSON schema carries the
-pattern plus a CEL range rule so the API server enforces the same bounds at ``kubectl apply``.
+strings ("0.5", "2e-5"): ``Annotated[DecimalString, DecimalRange(...)]`` declares one once, for
+pydantic and for the API server alike.
 
 ``cel`` writes ``x-kubernetes-validations`` entries; models use it next to the pydantic validator
 that enforces the same rule, so ``distill run`` and the API server refuse the same specs.
@@ -12,10 +11,11 @@ that enforces the same rule, so ``distill run`` and the API server refuse the sa
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import JsonValue
 
 DECIMAL_PATTERN = r"^(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$"
 """Non-negative decimal literal, optionally in scientific notation (``0.05``, ``2e-5``)."""
@@ -29,9 +29,9 @@ path (no scheme, no whitespace)."""
 MODEL_URI_SCHEMES = ("hf", "s3", "gs", "pvc", "file")
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonValue:
     """One ``x-kubernetes-validations`` entry; ``field_path`` points the error at a child field."""
-    entry = {"rule": rule, "message": message}
+    entry: dict[str, JsonValue] = {"rule": rule, "message": message}
     if field_path is not None:
         entry["fieldPath"] = field_path
     return entry
@@ -82,23 +82,38 @@ class DecimalString(str):
         return core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
 
 
-def _parse_decimal(
-    ge: Decimal | None, gt: Decimal | None, le: Decimal | None, lt: Decimal | None
-) -> Any:
-    sentence = (_range_rule(ge, gt, le, lt) or ("", ""))[1]
+@dataclass(frozen=True)
+class DecimalRange:
+    """``Annotated[DecimalString, DecimalRange(ge="0", le="1")]``: a decimal string in a range.
 
-    def parse(value: Any) -> DecimalString:
+    pydantic refuses YAML numbers (with a message that shows how to quote them), malformed text
+    and values out of range; the JSON schema carries the pattern and a CEL rule with the range,
+    so the API server refuses the same values.
+    """
+
+    ge: str | None = None
+    gt: str | None = None
+    le: str | None = None
+    lt: str | None = None
+
+    def bounds(self) -> tuple[Decimal | None, Decimal | None, Decimal | None, Decimal | None]:
+        return tuple(  # type: ignore[return-value]
+            Decimal(b) if b is not None else None for b in (self.ge, self.gt, self.le, self.lt)
+        )
+
+    def parse(self, value: Any) -> DecimalString:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ValueError(f"must be a decimal string such as \"0.5\", got {value!r}")
+            raise ValueError(f'must be a decimal string such as "0.5", got {value!r}')
         if not isinstance(value, str):
             raise ValueError(
-                f"must be a quoted decimal string such as \"{value}\", got the number {value!r} "
+                f'must be a quoted decimal string such as "{value}", got the number {value!r} '
                 "(Kubernetes API conventions: no floats in spec)"
             )
         if not _DECIMAL_RE.match(value):
             raise ValueError(
-                f"must be a non-negative decimal such as \"0.5\" or \"2e-5\", got {value!r}"
+                f'must be a non-negative decimal such as "0.5" or "2e-5", got {value!r}'
             )
+        ge, gt, le, lt = self.bounds()
         number = Decimal(value)
         in_range = (
             (ge is None or number >= ge)
@@ -107,32 +122,21 @@ def _parse_decimal(
             and (lt is None or number < lt)
         )
         if not in_range:
+            sentence = (_range_rule(ge, gt, le, lt) or ("", ""))[1]
             raise ValueError(f"{sentence}, got {value!r}")
         return DecimalString(value)
 
-    return parse
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
 
+        return core_schema.no_info_plain_validator_function(
+            self.parse,
+            serialization=core_schema.plain_serializer_function_ser_schema(str),
+        )
 
-def decimal_string(
-    *,
-    ge: str | None = None,
-    gt: str | None = None,
-    le: str | None = None,
-    lt: str | None = None,
-) -> Any:
-    """A decimal written as a string in YAML/JSON, with an optional range.
-
-    The value is a ``DecimalString`` (a ``str``): it serialises back exactly as written, and
-    numeric code uses ``float(x)``.
-    """
-    bounds = [Decimal(b) if b is not None else None for b in (ge, gt, le, lt)]
-    schema: dict[str, Any] = {"type": "string", "pattern": DECIMAL_PATTERN}
-    rule = _range_rule(*bounds)
-    if rule is not None:
-        schema["x-kubernetes-validations"] = [cel(rule[0], rule[1])]
-    return Annotated[
-        DecimalString,
-        PlainValidator(_parse_decimal(*bounds)),
-        PlainSerializer(str, return_type=str),
-        WithJsonSchema(schema),
-    ]
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "string", "pattern": DECIMAL_PATTERN}
+        rule = _range_rule(*self.bounds())
+        if rule is not None:
+            out["x-kubernetes-validations"] = [cel(rule[0], rule[1])]
+        return out

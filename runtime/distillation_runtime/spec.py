@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,26 +30,29 @@ from pydantic.alias_generators import to_camel
 
 from distillation_runtime.fields import (
     MODEL_URI_PATTERN,
+    DecimalRange,
     DecimalString,
     cel,
-    decimal_string,
 )
 
 API_GROUP = "distillation.dev"
 
-Weight = decimal_string(ge="0")
-Ratio01 = decimal_string(ge="0", le="1")
-OpenRatio01 = decimal_string(gt="0", lt="1")
-Temperature = decimal_string(gt="0", le="100")
-SamplingTemperature = decimal_string(ge="0", le="100")
-TopP = decimal_string(gt="0", le="1")
-LearningRate = decimal_string(gt="0", le="1")
-Retention = decimal_string(gt="0", le="2")
+Weight = Annotated[DecimalString, DecimalRange(ge="0")]
+Ratio01 = Annotated[DecimalString, DecimalRange(ge="0", le="1")]
+OpenRatio01 = Annotated[DecimalString, DecimalRange(gt="0", lt="1")]
+Temperature = Annotated[DecimalString, DecimalRange(gt="0", le="100")]
+SamplingTemperature = Annotated[DecimalString, DecimalRange(ge="0", le="100")]
+TopP = Annotated[DecimalString, DecimalRange(gt="0", le="1")]
+LearningRate = Annotated[DecimalString, DecimalRange(gt="0", le="1")]
+Retention = Annotated[DecimalString, DecimalRange(gt="0", le="2")]
 
 ModelURI = Annotated[str, Field(pattern=MODEL_URI_PATTERN, max_length=1024)]
 """hf://org/name[@revision], s3://bucket/path, gs://bucket/path, pvc://claim/path, file:// or a
 plain path."""
 StorageURI = ModelURI
+
+
+TRUST_REMOTE_CODE = "Allow the checkpoint's own Python code to run; only for checkpoints you trust."
 
 
 class SpecModel(BaseModel):
@@ -69,9 +73,7 @@ def section(model: type[BaseModel], description: str) -> Any:
 
     The JSON schema gets ``default: {}`` so the API server fills in the same defaults.
     """
-    return Field(
-        default_factory=model, description=description, json_schema_extra={"default": {}}
-    )
+    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,10 +109,7 @@ class TeacherSpec(SpecModel):
         description="GPUs one teacher replica is split over when it generates (vLLM tensor "
         "parallelism). Must divide the number of attention heads.",
     )
-    trust_remote_code: bool = Field(
-        default=False,
-        description="Allow the checkpoint's own Python code to run. Only for checkpoints you trust.",
-    )
+    trust_remote_code: bool = Field(default=False, description=TRUST_REMOTE_CODE)
 
 
 class DepthImportance(StrEnum):
@@ -197,9 +196,7 @@ class PruneSpec(SpecModel):
                 "numLayers or parameterBudget"
             )
         if self.parameter_budget is not None and any(v is not None for v in explicit):
-            raise ValueError(
-                "parameterBudget replaces the explicit sizes: set one or the other"
-            )
+            raise ValueError("parameterBudget replaces the explicit sizes: set one or the other")
         return self
 
 
@@ -229,10 +226,7 @@ class StudentSpec(SpecModel):
         "is set.",
     )
     dtype: DType = Field(default=DType.AUTO, description="Precision to load the weights in.")
-    trust_remote_code: bool = Field(
-        default=False,
-        description="Allow the checkpoint's own Python code to run. Only for checkpoints you trust.",
-    )
+    trust_remote_code: bool = Field(default=False, description=TRUST_REMOTE_CODE)
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -368,12 +362,12 @@ class GenerateSpec(SpecModel):
     )
     temperature: SamplingTemperature = Field(
         default=DecimalString("0"),
-        description="Sampling temperature as a decimal string; \"0\" is greedy decoding.",
+        description='Sampling temperature as a decimal string; "0" is greedy decoding.',
     )
     top_p: TopP = Field(
         default=DecimalString("1.0"),
         description="Nucleus sampling: keep the smallest set of tokens whose probability "
-        "reaches top_p. \"1.0\" keeps all.",
+        'reaches top_p. "1.0" keeps all.',
     )
     top_logprobs: int = Field(
         default=0,
@@ -387,9 +381,7 @@ class GenerateSpec(SpecModel):
         max_length=16,
         description="Strings that end a response (not included in it).",
     )
-    batch_size: int = Field(
-        default=32, ge=1, le=4096, description="Prompts per generation batch."
-    )
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Prompts per generation batch.")
     seed: int = Field(default=0, ge=0, description="Random seed for sampling.")
 
     @model_validator(mode="after")
@@ -459,8 +451,8 @@ class LogitLossSpec(SpecModel):
     )
     beta: Ratio01 | None = Field(
         default=None,
-        description="Interpolation of jsd between forward KL (\"0\") and reverse KL (\"1\"). "
-        "Default \"0.5\". Only with divergence: jsd.",
+        description='Interpolation of jsd between forward KL ("0") and reverse KL ("1"). '
+        'Default "0.5". Only with divergence: jsd.',
     )
     temperature: Temperature = Field(
         default=DecimalString("1.0"),
@@ -584,7 +576,7 @@ class LossesSpec(SpecModel):
     response: Weight = Field(
         default=DecimalString("1.0"),
         description="Weight of response distillation: cross-entropy on the teacher's generated "
-        "tokens. \"0\" turns it off.",
+        'tokens. "0" turns it off.',
     )
     logits: LogitLossSpec | None = Field(
         default=None, description="Logit distillation. Off when absent."
@@ -638,21 +630,19 @@ class TrainSpec(SpecModel):
         description="Prompt plus response, in tokens; longer sequences are truncated.",
     )
     learning_rate: LearningRate = Field(
-        default=DecimalString("2e-5"), description="Peak learning rate, e.g. \"2e-5\"."
+        default=DecimalString("2e-5"), description='Peak learning rate, e.g. "2e-5".'
     )
     warmup_ratio: Ratio01 = Field(
         default=DecimalString("0.03"),
         description="Share of steps spent warming the learning rate up from 0.",
     )
-    weight_decay: Weight = Field(
-        default=DecimalString("0.0"), description="AdamW weight decay."
-    )
+    weight_decay: Weight = Field(default=DecimalString("0.0"), description="AdamW weight decay.")
     scheduler: LRScheduler = Field(
         default=LRScheduler.COSINE, description="Learning-rate schedule after warm-up."
     )
     max_grad_norm: Weight = Field(
         default=DecimalString("1.0"),
-        description="Gradient clipping norm; \"0\" turns clipping off.",
+        description='Gradient clipping norm; "0" turns clipping off.',
     )
     precision: Precision = Field(
         default=Precision.AUTO,
@@ -720,7 +710,7 @@ class GateSpec(SpecModel):
     min_retention: Retention = Field(
         default=DecimalString("0.95"),
         description="Student score divided by the teacher's score on the held-out prompts must "
-        "reach this (for perplexity, teacher divided by student). \"0.95\" = 95% retained.",
+        'reach this (for perplexity, teacher divided by student). "0.95" = 95% retained.',
     )
 
 
@@ -770,7 +760,7 @@ class EvaluateSpec(SpecModel):
 # The whole pipeline
 # --------------------------------------------------------------------------------------------
 
-PIPELINE_RULES = [
+PIPELINE_RULES: list[JsonValue] = [
     cel(
         "!has(self.train.losses.logits) || self.train.losses.logits.source != 'offline' || "
         "self.generate.topLogprobs > 0",

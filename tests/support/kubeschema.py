@@ -72,7 +72,9 @@ def schema_errors(schema: Schema, value: Any, prefix: str) -> list[FieldError]:
         path = _path(prefix, err.absolute_path)
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            errors.extend(FieldError(f"{path}.{name}", "field not declared in schema") for name in extra)
+            errors.extend(
+                FieldError(f"{path}.{name}", "field not declared in schema") for name in extra
+            )
         elif err.validator == "required":
             missing = err.message.split("'")[1]
             errors.append(FieldError(f"{path}.{missing}", "Required value"))

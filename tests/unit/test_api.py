@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from support.corpus import BadCase, load_corpus, names_field
 
 from distillation_operator.api import Distillation, DistillationSpec, DistillationStatus
 from distillation_runtime.spec import CLUSTER_ONLY_FIELDS, PipelineSpec, SpecError, parse_model
+from support.corpus import BadCase, load_corpus, names_field
 
 CORPUS = load_corpus()
 
@@ -22,14 +22,13 @@ def test_samples_are_valid(samples: dict[str, dict[str, Any]]) -> None:
 def test_gpu_sample_reads_as_a_user_wrote_it(samples: dict[str, dict[str, Any]]) -> None:
     spec = Distillation.model_validate(samples["support-8b-gpu"]).spec
     assert spec.teacher.tensor_parallel_size == 8
-    assert spec.quantize is not None and spec.quantize.scheme.value == "W4A16"
-    assert spec.placement.stages is not None and spec.placement.stages.train is not None
-    assert spec.placement.stages.train.replicas == 8
     assert spec.placement.queue_name == "ml-team"
-    assert spec.secrets is not None and spec.secrets.hugging_face_token is not None
-    assert spec.secrets.hugging_face_token.key == "HF_TOKEN"
-    assert spec.serve is not None and spec.serve.max_replicas == 4
-    assert spec.policy.ttl_seconds_after_finished == 600
+    assert spec.policy.ttl_seconds_after_finished == 600  # a default
+    data = spec.model_dump(mode="json", by_alias=True)
+    assert data["quantize"]["scheme"] == "W4A16"
+    assert data["placement"]["stages"]["train"]["replicas"] == 8
+    assert data["secrets"]["huggingFaceToken"] == {"name": "hf-token", "key": "HF_TOKEN"}
+    assert data["serve"]["maxReplicas"] == 4
 
 
 def test_cluster_only_fields_are_exactly_the_operator_additions() -> None:
@@ -78,4 +77,9 @@ def test_status_serialises_camel_case_with_rfc3339_times() -> None:
     )
     data = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert data["conditions"][0]["lastTransitionTime"] == "2026-11-28T14:00:00Z"
-    assert data["stages"][0] == {"name": "generate", "state": "Succeeded", "rayJob": "x-generate-1", "attempts": 0}
+    assert data["stages"][0] == {
+        "name": "generate",
+        "state": "Succeeded",
+        "rayJob": "x-generate-1",
+        "attempts": 0,
+    }

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 import yaml
-from support.corpus import BadCase, load_corpus, names_field
-from support.kubeschema import admit, compile_all_rules
 
 from distillation_operator import crdgen
+from support.corpus import BadCase, load_corpus, names_field
+from support.kubeschema import admit, compile_all_rules
 
 CORPUS = load_corpus()
 
@@ -49,7 +49,16 @@ def walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
 def test_schema_is_structural(crd: dict[str, Any]) -> None:
     root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     text = yaml.safe_dump(root)
-    for forbidden in ("$ref", "$defs", "title:", "anyOf", "oneOf", "allOf", "const:", "type: 'null'"):
+    for forbidden in (
+        "$ref",
+        "$defs",
+        "title:",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "const:",
+        "type: 'null'",
+    ):
         assert forbidden not in text, forbidden
     for path, node in walk(root):
         assert "type" in node, f"{path} has no type"
@@ -60,7 +69,9 @@ def test_schema_is_structural(crd: dict[str, Any]) -> None:
 
 def test_every_spec_field_is_documented(crd: dict[str, Any]) -> None:
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    undocumented = [p for p, node in walk(spec, "spec") if not node.get("description") and "[" not in p]
+    undocumented = [
+        p for p, node in walk(spec, "spec") if not node.get("description") and "[" not in p
+    ]
     assert not undocumented
 
 
@@ -97,7 +108,9 @@ def test_samples_are_admitted(crd: dict[str, Any], samples: dict[str, dict[str, 
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c.name for c in CORPUS])
-def test_corpus_case_is_refused_by_the_schema_naming_its_field(crd: dict[str, Any], case: BadCase) -> None:
+def test_corpus_case_is_refused_by_the_schema_naming_its_field(
+    crd: dict[str, Any], case: BadCase
+) -> None:
     errors = [str(e) for e in admit(crd, case.manifest)]
     assert errors, case.why
     assert any(names_field(e, case.field) for e in errors), (case.why, errors)

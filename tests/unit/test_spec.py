@@ -81,27 +81,69 @@ def test_local_paths_are_fine_for_distill_run() -> None:
     ("change", "field", "words"),
     [
         ({"train": {"epochs": 0}}, "spec.train.epochs", "greater than or equal to 1"),
-        ({"train": {"learningRate": 0.001}}, "spec.train.learningRate", 'quoted decimal string'),
+        ({"train": {"learningRate": 0.001}}, "spec.train.learningRate", "quoted decimal string"),
         ({"train": {"learningRate": "fast"}}, "spec.train.learningRate", "non-negative decimal"),
-        ({"dataset": {"prompts": "p.jsonl", "evalFraction": "1"}}, "spec.dataset.evalFraction", "less than 1"),
+        (
+            {"dataset": {"prompts": "p.jsonl", "evalFraction": "1"}},
+            "spec.dataset.evalFraction",
+            "less than 1",
+        ),
         ({"generate": {"temperature": "-1"}}, "spec.generate.temperature", "non-negative decimal"),
         ({"generate": {"samplesPerPrompt": 3}}, "spec.generate", "samplesPerPrompt is 3"),
-        ({"generate": {"topLogprobs": 101}}, "spec.generate.topLogprobs", "less than or equal to 100"),
-        ({"student": {"model": "hf://a/b", "prune": {"numLayers": 4}}}, "spec.student", "exactly one of"),
+        (
+            {"generate": {"topLogprobs": 101}},
+            "spec.generate.topLogprobs",
+            "less than or equal to 100",
+        ),
+        (
+            {"student": {"model": "hf://a/b", "prune": {"numLayers": 4}}},
+            "spec.student",
+            "exactly one of",
+        ),
         ({"student": {}}, "spec.student", "got neither"),
         ({"student": {"prune": {}}}, "spec.student.prune", "at least one target"),
         ({"train": {"losses": {"response": "0"}}}, "spec.train.losses", "enable at least one loss"),
         ({"train": {"losses": {"logits": {}}}}, "spec", "generate.topLogprobs is 0"),
-        ({"train": {"losses": {"logits": {"source": "online", "topK": 4}}}}, "spec.train.losses.logits", "topK is 4 but source is online"),
-        ({"train": {"losses": {"logits": {"divergence": "kl"}}}}, "spec.train.losses.logits.divergence", "'forwardKL', 'reverseKL' or 'jsd'"),
-        ({"train": {"losses": {"features": {"layerMap": [{"student": 0, "teacher": 1}, {"student": 0, "teacher": 2}]}}}}, "spec.train.losses.features.layerMap", "repeated: [0]"),
+        (
+            {"train": {"losses": {"logits": {"source": "online", "topK": 4}}}},
+            "spec.train.losses.logits",
+            "topK is 4 but source is online",
+        ),
+        (
+            {"train": {"losses": {"logits": {"divergence": "kl"}}}},
+            "spec.train.losses.logits.divergence",
+            "'forwardKL', 'reverseKL' or 'jsd'",
+        ),
+        (
+            {
+                "train": {
+                    "losses": {
+                        "features": {
+                            "layerMap": [{"student": 0, "teacher": 1}, {"student": 0, "teacher": 2}]
+                        }
+                    }
+                }
+            },
+            "spec.train.losses.features.layerMap",
+            "repeated: [0]",
+        ),
         ({"evaluate": {"metrics": ["rougeL"]}}, "spec.evaluate", "gate.metric is tokenF1"),
-        ({"quantize": {"scheme": "int4"}}, "spec.quantize.scheme", "'FP8_DYNAMIC', 'W4A16' or 'W8A8'"),
-        ({"teacher": {"model": "hf://org/teacher", "tensorParallelSize": "eight"}}, "spec.teacher.tensorParallelSize", "valid integer"),
+        (
+            {"quantize": {"scheme": "int4"}},
+            "spec.quantize.scheme",
+            "'FP8_DYNAMIC', 'W4A16' or 'W8A8'",
+        ),
+        (
+            {"teacher": {"model": "hf://org/teacher", "tensorParallelSize": "eight"}},
+            "spec.teacher.tensorParallelSize",
+            "valid integer",
+        ),
         ({"tracher": {}}, "spec.tracher", "unknown field"),
     ],
 )
-def test_invalid_spec_is_refused_naming_the_field(change: dict[str, object], field: str, words: str) -> None:
+def test_invalid_spec_is_refused_naming_the_field(
+    change: dict[str, object], field: str, words: str
+) -> None:
     lines = problems(minimal(**change))
     assert any(line.startswith(f"{field}: ") and words in line for line in lines), lines
 
@@ -115,7 +157,9 @@ def test_missing_required_fields_are_each_named() -> None:
 
 def test_error_shows_the_value_given() -> None:
     lines = problems(minimal(generate={"maxNewTokens": -5}))
-    assert lines == ["spec.generate.maxNewTokens: Input should be greater than or equal to 1 (got -5)"]
+    assert lines == [
+        "spec.generate.maxNewTokens: Input should be greater than or equal to 1 (got -5)"
+    ]
 
 
 FULL = textwrap.dedent(
@@ -216,7 +260,9 @@ def test_minimal_spec_round_trips_to_an_equal_model() -> None:
     assert dump_spec(again)["train"]["learningRate"] == "2e-5"
 
 
-def test_whole_manifest_loads_and_ignores_cluster_only_fields(samples: dict[str, dict[str, object]]) -> None:
+def test_whole_manifest_loads_and_ignores_cluster_only_fields(
+    samples: dict[str, dict[str, object]],
+) -> None:
     spec = load_pipeline_spec(yaml.safe_dump(samples["tiny-cpu"]))
     assert spec.teacher.model == "pvc://models/tiny-teacher"
     assert "placement" not in dump_spec(spec)

@@ -1,0 +1,69 @@
+"""DESIGN.md's layer rules that import-linter cannot see: import cost and the runtime's surface."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "transformers", "ray", "vllm", "llmcompressor", "kopf", "kubernetes")
+RUNTIME_MODULES_THE_OPERATOR_MAY_USE = {
+    "distillation_runtime",
+    "distillation_runtime.spec",
+    "distillation_runtime.fields",
+    "distillation_runtime.plan",
+}
+
+
+def modules(package_dir: Path) -> list[str]:
+    root = package_dir.parent
+    return [
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for p in sorted(package_dir.rglob("*.py"))
+    ]
+
+
+LIGHT = [
+    m
+    for m in modules(REPO / "runtime" / "distillation_runtime")
+    + modules(REPO / "operator" / "distillation_operator")
+    if m != "distillation_operator.handlers"  # imports kopf by design: it is the kopf entry point
+]
+
+
+@pytest.mark.parametrize("module", LIGHT)
+def test_importing_is_cheap(module: str) -> None:
+    code = (
+        f"import sys, {module}; print(','.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "", f"importing {module} pulled in {out.stdout.strip()}"
+
+
+def test_operator_uses_only_the_light_runtime_modules() -> None:
+    used = set()
+    for path in (REPO / "operator" / "distillation_operator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used.update(alias.name for alias in node.names)
+    runtime = {m for m in used if m.split(".")[0] == "distillation_runtime"}
+    assert runtime, "the operator should build on the runtime's spec"
+    assert runtime <= RUNTIME_MODULES_THE_OPERATOR_MAY_USE, runtime
+
+
+def test_stdlib_operator_is_not_shadowed_from_the_repo_root() -> None:
+    code = "import operator, collections; print(operator.itemgetter(1)([0, 7]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "7"
+    assert not (REPO / "operator" / "__init__.py").exists()
+    assert not (REPO / "runtime" / "__init__.py").exists()
