@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Builds the test tools from Go modules (no prebuilt downloads) into a cache
+# folder outside the repository, and prints the folder holding them
+# (kubectl, helm, testcluster) as the last line of stdout.
+#
+#   testcluster  kube-apiserver + kube-controller-manager + etcd + kubectl in
+#                one binary (hack/testcluster); rebuilt only when its go.mod,
+#                go.sum or *.go files (or the Go version / link flags) change
+#   helm         helm.sh/helm/v4/cmd/helm@$HELM_VERSION; built once per version
+#
+# Environment:
+#   DISTILL_TOOLS_DIR  tools folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/distillation-operator/tools)
+#   GOPROXY etc.       the usual Go settings; module downloads go through them
+#
+# Only Go is needed. A cold build takes several minutes (see hack/testcluster/README.md).
+set -euo pipefail
+
+HELM_VERSION=v4.3.1
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+src="$here/testcluster"
+tools="${DISTILL_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/distillation-operator/tools}"
+bin="$tools/bin"
+
+log() { echo "build-tools: $*" >&2; }
+
+command -v go >/dev/null 2>&1 || { log "go not found in PATH"; exit 1; }
+
+export GOTOOLCHAIN=local # use the installed Go; never download a toolchain
+export GOWORK=off
+export CGO_ENABLED=0
+unset GOFLAGS
+
+mkdir -p "$bin"
+
+# Serialise concurrent runs (e.g. parallel test workers) on the same folder.
+if command -v flock >/dev/null 2>&1; then
+	exec 9>"$tools/.lock"
+	flock 9
+fi
+
+sha256() {
+	if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -d' ' -f1; else shasum -a 256 | cut -d' ' -f1; fi
+}
+
+elapsed() { echo "$(($(date +%s) - $1))s"; }
+
+# --- testcluster -------------------------------------------------------------
+k8s_version="$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ { print $2; exit }' "$src/go.mod")"
+[[ "$k8s_version" =~ ^v([0-9]+)\.([0-9]+)\. ]] || { log "cannot read the k8s.io/kubernetes version from $src/go.mod"; exit 1; }
+k8s_major="${BASH_REMATCH[1]}"
+k8s_minor="${BASH_REMATCH[2]}"
+ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+	ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=$k8s_major -X $pkg.gitMinor=$k8s_minor"
+	ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.gitCommit="
+done
+
+want_hash="$(
+	{
+		go version
+		go env GOOS GOARCH
+		echo "$ldflags"
+		cd "$src"
+		for f in go.mod go.sum $(ls ./*.go | LC_ALL=C sort); do
+			echo "== $f"
+			cat "$f"
+		done
+	} | sha256
+)"
+have_hash="$(cat "$tools/testcluster.hash" 2>/dev/null || true)"
+if [[ -x "$tools/testcluster" && "$have_hash" == "$want_hash" ]]; then
+	log "testcluster up to date ($k8s_version)"
+else
+	log "building testcluster (Kubernetes $k8s_version) (several minutes when the Go build cache is cold)..."
+	t0=$(date +%s)
+	tmp="$tools/testcluster.tmp.$$"
+	trap 'rm -f "$tmp"' EXIT
+	(cd "$src" && go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$tmp" .)
+	mv -f "$tmp" "$tools/testcluster"
+	trap - EXIT
+	echo "$want_hash" >"$tools/testcluster.hash"
+	log "built testcluster in $(elapsed "$t0")"
+fi
+
+# --- helm ----------------------------------------------------------------------
+helm_dir="$tools/helm-$HELM_VERSION"
+if [[ -x "$helm_dir/helm" ]]; then
+	log "helm $HELM_VERSION present"
+else
+	log "building helm $HELM_VERSION..."
+	t0=$(date +%s)
+	tmpdir="$tools/.helm-$HELM_VERSION.tmp.$$"
+	rm -rf "$tmpdir"
+	trap 'rm -rf "$tmpdir"' EXIT
+	mkdir -p "$tmpdir"
+	hv=helm.sh/helm/v4/internal/version
+	GOBIN="$tmpdir" go install -trimpath \
+		-ldflags "-s -w -X $hv.version=$HELM_VERSION -X $hv.metadata= -X $hv.gitTreeState=clean" \
+		"helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+	rm -rf "$helm_dir"
+	mv "$tmpdir" "$helm_dir"
+	trap - EXIT
+	log "built helm in $(elapsed "$t0")"
+fi
+
+# --- bin/ ------------------------------------------------------------------------
+# kubectl is the testcluster binary invoked under the name "kubectl".
+ln -sfn ../testcluster "$bin/testcluster"
+ln -sfn ../testcluster "$bin/kubectl"
+ln -sfn "../helm-$HELM_VERSION/helm" "$bin/helm"
+
+echo "$bin"
