@@ -18,6 +18,11 @@ VENV ?= $(CACHE_DIR)/venv
 EXTRAS ?= --extra operator --extra dev
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 BIN := $(VENV)/bin
+# The Go-built test control plane, kubectl and helm (hack/build-tools.sh).
+export DISTILL_TOOLS_DIR ?= $(CACHE_DIR)/tools
+export DISTILL_TOOLS_BIN := $(DISTILL_TOOLS_DIR)/bin
+# Upstream KubeRay and KServe CRDs, unmodified (see ../shared/crds/README.md).
+export DISTILL_UPSTREAM_CRDS ?= $(abspath $(CURDIR)/../shared/crds)
 
 .PHONY: help
 help: ## List the targets.
@@ -51,12 +56,38 @@ format: venv ## Apply ruff's fixes and formatting.
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+.PHONY: tools
+tools: ## Build the test control plane (kube-apiserver, etcd, GC), kubectl and helm from Go modules.
+	bash hack/build-tools.sh
+
+.PHONY: testcluster
+testcluster: tools ## Same as tools.
+
+.PHONY: upstream-crds
+upstream-crds: ## Check that the upstream KubeRay/KServe CRDs the cluster tests install are there.
+	@for d in kuberay-v1.5.0 kserve-v0.20.0; do \
+	  if [ ! -d "$(DISTILL_UPSTREAM_CRDS)/$$d" ]; then \
+	    echo "missing $(DISTILL_UPSTREAM_CRDS)/$$d: set DISTILL_UPSTREAM_CRDS to a folder with" >&2; \
+	    echo "kuberay-v1.5.0/ (KubeRay v1.5.0, ray-operator/config/crd/bases) and" >&2; \
+	    echo "kserve-v0.20.0/ (KServe v0.20.0, config/crd/full), from those upstream releases" >&2; \
+	    exit 1; \
+	  fi; \
+	done; echo "upstream CRDs: $(DISTILL_UPSTREAM_CRDS)"
+
+.PHONY: cluster-up
+cluster-up: tools ## Start a control plane in /tmp/distill-cluster for manual use (Ctrl-C stops it).
+	$(DISTILL_TOOLS_BIN)/testcluster up --dir /tmp/distill-cluster --exit-with-parent=false
+
 .PHONY: unit
 unit: venv ## Unit tests only (pure, fast).
 	$(BIN)/pytest tests/unit
 
+.PHONY: cluster
+cluster: venv tools upstream-crds ## Cluster tests only (a real API server, Helm, RBAC).
+	$(BIN)/pytest tests/cluster
+
 .PHONY: test
-test: lint ## The full check CI runs: lint, then every test.
+test: lint tools upstream-crds ## The full check CI runs: lint, then every test (unit and cluster).
 	$(BIN)/pytest
 
 .PHONY: clean

@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distillation_operator import api
 from distillation_runtime.spec import API_GROUP
+from distillation_runtime.yamlio import dump_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / "crds" / f"{API_GROUP}_{api.PLURAL}.yaml"
@@ -171,8 +170,8 @@ def build_crd() -> dict[str, Any]:
 
 
 def to_yaml(document: dict[str, Any]) -> str:
-    """Stable YAML: field order as declared, long lines left alone."""
-    return yaml.safe_dump(document, sort_keys=False, width=1_000_000, allow_unicode=True)
+    """Stable YAML: field order as declared, long lines left alone, numbers-as-text quoted."""
+    return dump_yaml(document, width=1_000_000)
 
 
 GENERATED_HEADER = (

@@ -11,9 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from distillation_runtime.spec import SpecError, dump_spec, load_pipeline_spec
+from distillation_runtime.yamlio import dump_yaml
 
 
 def validate(path: Path) -> int:
@@ -23,7 +22,7 @@ def validate(path: Path) -> int:
     except SpecError as err:
         print(f"{path}: {err}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(dump_spec(spec), sort_keys=False), end="")
+    print(dump_yaml(dump_spec(spec)), end="")
     return 0
 
 

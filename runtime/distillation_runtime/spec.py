@@ -71,9 +71,13 @@ class SpecModel(BaseModel):
 def section(model: type[BaseModel], description: str) -> Any:
     """A sub-object that is always present, with every field at its default when omitted.
 
-    The JSON schema gets ``default: {}`` so the API server fills in the same defaults.
+    The JSON schema's default is the whole defaulted object (not ``{}``): the API server checks
+    a default against the object's CEL rules before filling in nested defaults.
     """
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    default = model().model_dump(mode="json", by_alias=True, exclude_none=True)
+    return Field(
+        default_factory=model, description=description, json_schema_extra={"default": default}
+    )
 
 
 # --------------------------------------------------------------------------------------------

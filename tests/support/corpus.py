@@ -59,7 +59,7 @@ def names_field(error: str, field: str) -> bool:
     student.model ...``).
     """
     path, _, message = error.partition(": ")
-    if path == field:
+    if path == field or f'"{field}"' in error:  # the API server quotes unknown fields
         return True
     if not field.startswith(path + ".") and not field.startswith(path + "["):
         return False

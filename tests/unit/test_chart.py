@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from distillation_operator.handlers import scanning_enabled
+from distillation_operator.permissions import NAMESPACED
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "distillation-operator"
 
@@ -52,3 +53,15 @@ def test_schema_refuses_bad_values(values_schema: dict[str, Any], bad: dict[str,
 )
 def test_namespaced_mode_turns_kopf_scanning_off(env: dict[str, str], expected: bool) -> None:
     assert scanning_enabled(env) is expected
+
+
+def test_chart_grants_exactly_the_permissions_the_operator_declares() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    start = helpers.index('{{- define "distillation-operator.namespacedRules" -}}')
+    block = helpers[start:].split("\n", 1)[1].split("{{- end }}", 1)[0]
+    rules = yaml.safe_load(block)
+    expected = [
+        {"apiGroups": [p.group], "resources": [p.resource], "verbs": list(p.verbs)}
+        for p in NAMESPACED
+    ]
+    assert rules == expected

@@ -88,8 +88,12 @@ def test_resource_identity_and_printer_columns(crd: dict[str, Any]) -> None:
 def test_sections_default_so_the_server_fills_them(crd: dict[str, Any]) -> None:
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     for name in ("generate", "train", "evaluate", "placement", "policy"):
-        assert spec["properties"][name]["default"] == {}, name
-    assert spec["properties"]["generate"]["properties"]["temperature"]["default"] == "0"
+        assert isinstance(spec["properties"][name]["default"], dict), name
+    generate = spec["properties"]["generate"]
+    assert generate["properties"]["temperature"]["default"] == "0"
+    # whole defaulted objects, so the object's own CEL rules can read every field of a default
+    assert generate["default"]["samplesPerPrompt"] == 1
+    assert spec["properties"]["evaluate"]["default"]["gate"]["metric"] == "tokenF1"
 
 
 def test_no_floats_anywhere_in_spec(crd: dict[str, Any]) -> None:

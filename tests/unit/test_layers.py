@@ -16,6 +16,7 @@ RUNTIME_MODULES_THE_OPERATOR_MAY_USE = {
     "distillation_runtime.spec",
     "distillation_runtime.fields",
     "distillation_runtime.plan",
+    "distillation_runtime.yamlio",
 }
 
 
