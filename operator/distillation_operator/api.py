@@ -423,9 +423,10 @@ class ConditionStatus(StrEnum):
 
 
 class StatusModel(BaseModel):
-    """Base of status models: camelCase, and unknown fields kept out."""
+    """Base of status models: camelCase; mutable, and tolerant of fields a newer operator
+    version wrote (status is read back after upgrades and downgrades)."""
 
-    model_config = SpecModel.model_config | ConfigDict(frozen=False)
+    model_config = SpecModel.model_config | ConfigDict(frozen=False, extra="ignore")
 
 
 class Condition(StatusModel):

@@ -63,7 +63,6 @@ class SpecModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         validate_default=True,
-        use_enum_values=False,
         frozen=True,
     )
 
