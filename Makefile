@@ -15,7 +15,7 @@ UV := $(UV_DIR)/bin/uv
 # One environment for every clone: `uv sync` makes it match uv.lock (a no-op when it already does)
 # and points its editable install at the clone that ran it.
 VENV ?= $(CACHE_DIR)/venv
-EXTRAS ?= --extra operator --extra dev
+EXTRAS ?= --extra operator --extra runtime --extra dev
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 BIN := $(VENV)/bin
 # The Go-built test control plane, kubectl and helm (hack/build-tools.sh).
