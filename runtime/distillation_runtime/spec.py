@@ -480,7 +480,7 @@ class LogitLossSpec(SpecModel):
         "spread it uniformly over the rest of the vocabulary.",
     )
     chunk_size: int = Field(
-        default=1024,
+        default=512,
         ge=16,
         le=65536,
         description="Tokens per chunk when computing logits and the loss, so the full "

@@ -20,7 +20,7 @@ def test_validate_prints_the_spec_with_defaults() -> None:
     out = distill("validate", "crds/samples/tiny-cpu.yaml")
     assert out.returncode == 0, out.stderr
     spec = yaml.safe_load(out.stdout)
-    assert spec["train"]["losses"]["logits"]["chunkSize"] == 1024  # a default, not in the file
+    assert spec["train"]["losses"]["logits"]["chunkSize"] == 512  # a default, not in the file
     assert spec["dataset"]["evalFraction"] == "0.1"  # as written
     assert "placement" not in spec  # cluster-only
 

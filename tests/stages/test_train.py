@@ -1,0 +1,175 @@
+"""The train stage on tiny models made here: it learns, resumes, scales to Ray workers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillation_runtime.generation import SamplingConfig, generate
+from distillation_runtime.records import write_parquet
+from distillation_runtime.spec import TrainSpec
+from distillation_runtime.stages.train import (
+    METRICS_FILE,
+    TrainJob,
+    checkpoint_step,
+    epoch_order,
+    latest_checkpoint,
+    lr_factor,
+    run,
+    steps_per_epoch,
+)
+from distillation_runtime.toy import (
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+    save_pretrained,
+)
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    factors = [lr_factor(s, total=10, warmup=2, schedule="cosine") for s in range(10)]
+    assert factors[0] == pytest.approx(0.5)
+    assert factors[1] == pytest.approx(1.0)
+    assert factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[2:]))
+    assert lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
+    assert lr_factor(5, 10, 0, "constant") == 1.0
+
+
+def test_steps_and_order() -> None:
+    assert steps_per_epoch(records=100, batch_size=8, accumulation=2, world=2) == 4
+    assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1)
+    assert epoch_order(10, 0, 1) != epoch_order(10, 1, 1)
+    assert sorted(epoch_order(10, 3, 1)) == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny teacher, a smaller student, and 64 teacher records with top-8 log-probs."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = make_tokenizer()
+    teacher = make_model(tokenizer, ModelSize(hidden=64, intermediate=128, layers=2), seed=1)
+    student = make_model(tokenizer, ModelSize(hidden=32, intermediate=64, layers=1), seed=2)
+    save_pretrained(teacher, tokenizer, root / "teacher")
+    save_pretrained(student, tokenizer, root / "student")
+    prompts = [e.prompt for e in sample_examples("addition", 64, seed=0)]
+    records = generate(
+        teacher, tokenizer, prompts, SamplingConfig(max_new_tokens=6, top_logprobs=8)
+    )
+    write_parquet(records, root / "data.parquet")
+    return root
+
+
+def job(root: Path, out: str, **train: object) -> TrainJob:
+    spec = {
+        "losses": {"response": "1.0", "logits": {"weight": "1.0", "temperature": "2.0"}},
+        "batchSize": 8,
+        "learningRate": "3e-3",
+        "warmupRatio": "0",
+        "epochs": 3,
+        **train,
+    }
+    return TrainJob(
+        student=str(root / "student"),
+        teacher=str(root / "teacher"),
+        data=str(root / "data.parquet"),
+        output=str(root / out),
+        train=TrainSpec.model_validate(spec),
+        checkpoint_every=4,
+    )
+
+
+def metrics(folder: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines()]
+
+
+def test_offline_distillation_lowers_the_loss_and_saves_a_loadable_student(workdir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = run(job(workdir, "offline"))
+    lines = metrics(workdir / "offline")
+    assert len(lines) == 24  # 3 epochs x 8 steps
+    assert {"response", "logits", "loss", "lr", "tokens_per_s"} <= set(lines[0])
+    first, last = sum(x["loss"] for x in lines[:3]) / 3, sum(x["loss"] for x in lines[-3:]) / 3
+    assert last < 0.9 * first, (first, last)
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    answer = generate(loaded, tokenizer, ["12+34="], SamplingConfig(max_new_tokens=4))
+    assert answer[0].response_ids  # it generates
+
+
+def test_online_logits_and_features_train_together(workdir: Path) -> None:
+    spec = {
+        "losses": {
+            "response": "1.0",
+            "logits": {"source": "online", "divergence": "jsd", "beta": "0.5"},
+            "features": {"weight": "0.5", "layerMap": [{"student": 0, "teacher": 1}]},
+        },
+        "epochs": 1,
+    }
+    run(job(workdir, "online", **spec))
+    lines = metrics(workdir / "online")
+    assert {"response", "logits", "features"} <= set(lines[0])
+    assert lines[-1]["features"] < lines[0]["features"]
+
+
+CRASH_AT_STEP_11 = """
+import os, sys, torch
+from distillation_runtime.stages.train import TrainJob, run
+real_step, calls = torch.optim.AdamW.step, []
+def step_or_die(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 11:
+        os._exit(137)  # dies between checkpoints 8 and 12, like a SIGKILL: no cleanup runs
+    return real_step(self, *args, **kwargs)
+torch.optim.AdamW.step = step_or_die
+run(TrainJob.model_validate_json(sys.argv[1]))
+"""
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(workdir: Path) -> None:
+    reference = job(workdir, "reference")
+    run(reference)
+    interrupted = job(workdir, "interrupted")
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_AT_STEP_11, interrupted.model_dump_json()],
+        capture_output=True,
+        text=True,
+    )
+    assert crashed.returncode == 137, crashed.stderr
+    out = Path(interrupted.output)
+    assert len(metrics(out)) == 10
+    assert checkpoint_step(latest_checkpoint(out) or out) == 8
+    run(interrupted)
+    resumed, straight = metrics(out), metrics(Path(reference.output))
+    steps = [x["step"] for x in resumed]
+    assert steps == [*range(1, 11), *range(9, 25)]  # steps 9 and 10 ran twice: one interval lost
+    assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
+
+
+def test_two_ray_workers_lower_the_loss_and_save_a_student(workdir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = run(job(workdir, "ray", workers=2), use_ray=True)
+    lines = metrics(workdir / "ray")
+    assert len(lines) == 12  # 64 records over 2 workers: 4 steps per epoch
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_for_logit_losses(
+    workdir: Path, tmp_path: Path
+) -> None:
+    from distillation_runtime.losses import VocabularyMismatchError
+
+    other = make_tokenizer(alphabet="zyxwvutsrqponmlkjihgfedcba0123456789+=")
+    save_pretrained(make_model(other, ModelSize(), seed=3), other, tmp_path / "other-teacher")
+    online = job(workdir, "mismatch", losses={"response": "1.0", "logits": {"source": "online"}})
+    with pytest.raises(VocabularyMismatchError, match="response distillation"):
+        run(online.model_copy(update={"teacher": str(tmp_path / "other-teacher")}))
