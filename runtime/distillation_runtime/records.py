@@ -95,6 +95,17 @@ class Batch:
         """Response tokens that count in the loss."""
         return int(self.loss_mask.sum())
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.targets.to(device),
+            self.loss_mask.to(device),
+            self.topk_ids.to(device) if self.topk_ids is not None else None,
+            self.topk_logprobs.to(device) if self.topk_logprobs is not None else None,
+        )
+
 
 def collate(
     records: Sequence[Record], pad_id: int, max_length: int, top_k: int | None = None

@@ -116,12 +116,28 @@ def latest_checkpoint(output: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _load(path: str, dtype: str) -> Any:
+def _load(path: str, dtype: str, device: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or "auto")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+
+
+def _device() -> Any:
+    """This worker's GPU (Ray Train gives each worker its own) or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device_type: str, bf16_supported: bool) -> str | None:
+    """The dtype forward passes run in; None for full fp32. Weights stay fp32 (master copy)."""
+    if precision == "auto":
+        return "bfloat16" if device_type == "cuda" and bf16_supported else None
+    return {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[precision]
 
 
 def _world() -> tuple[int, int]:
@@ -142,6 +158,16 @@ def _average_gradients(model: Any, world: int) -> None:
         if parameter.grad is not None:
             dist.all_reduce(parameter.grad)
             parameter.grad /= world
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past a resumed checkpoint: those steps run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    partial.replace(path)
 
 
 def _save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> None:
@@ -175,8 +201,12 @@ def train_worker(job_data: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(job.student)
-    student = _load(
-        job.student, "float32" if spec.precision.value in ("auto", "fp32") else "bfloat16"
+    device = _device()
+    student = _load(job.student, "float32", device)
+    amp = autocast_dtype(
+        spec.precision.value,
+        device.type,
+        device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     teacher = None
     compare_vocab = None
@@ -195,7 +225,7 @@ def train_worker(job_data: dict[str, Any]) -> None:
     if job.needs_teacher:
         if job.teacher is None:
             raise ValueError("online logits and features need the teacher: TrainJob.teacher")
-        teacher = _load(job.teacher, "auto").eval().requires_grad_(False)
+        teacher = _load(job.teacher, "auto", device).eval().requires_grad_(False)
     logits_spec = spec.losses.logits
     features_spec = spec.losses.features
     projector = None
@@ -203,7 +233,7 @@ def train_worker(job_data: dict[str, Any]) -> None:
         pairs = [(p.student, p.teacher) for p in features_spec.layer_map]
         projector = kd.FeatureProjector(
             pairs, student.config.hidden_size, teacher.config.hidden_size
-        )
+        ).to(device)
     trainable = list(student.parameters()) + (list(projector.parameters()) if projector else [])
     optimizer = torch.optim.AdamW(
         trainable, lr=float(spec.learning_rate), weight_decay=float(spec.weight_decay)
@@ -222,7 +252,7 @@ def train_worker(job_data: dict[str, Any]) -> None:
     step = 0
     resume = latest_checkpoint(output)
     if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=False)
+        state = torch.load(resume / "state.pt", weights_only=False, map_location=device)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -230,6 +260,7 @@ def train_worker(job_data: dict[str, Any]) -> None:
             projector.load_state_dict(state["projector"])
         step = state["step"]
         if rank == 0:
+            _truncate_metrics(output / METRICS_FILE, step)
             print(f"train: resuming from {resume} (step {step} of {total})", file=sys.stderr)
 
     head = student.get_output_embeddings().weight
@@ -251,8 +282,11 @@ def train_worker(job_data: dict[str, Any]) -> None:
             if not chosen:
                 continue
             top_k = logits_spec.top_k if logits_spec is not None else None
-            batch = collate(chosen, tokenizer.pad_token_id, spec.max_seq_length, top_k)
-            parts = _loss_parts(student, teacher, projector, head, batch, spec, compare_vocab)
+            batch = collate(chosen, tokenizer.pad_token_id, spec.max_seq_length, top_k).to(device)
+            with torch.autocast(
+                device.type, dtype=getattr(torch, amp or "float32"), enabled=bool(amp)
+            ):
+                parts = _loss_parts(student, teacher, projector, head, batch, spec, compare_vocab)
             (parts["loss"] / spec.gradient_accumulation).backward()
             tokens += batch.tokens
             for name, value in parts.items():
