@@ -14,6 +14,7 @@ the spec unless the comment says otherwise.
 
     python bench/quality.py            # default size, 3 seeds (~10 min on 2 CPUs)
     python bench/quality.py --quick    # 1 seed, fewer steps (a few minutes)
+    python bench/quality.py --task reversal
 
 The last line is JSON with ``retention`` and ``vs_scratch_points``.
 """
@@ -21,6 +22,7 @@ The last line is JSON with ``retention`` and ``vs_scratch_points``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -36,6 +38,7 @@ from distillation_runtime.records import write_parquet
 from distillation_runtime.spec import TrainSpec
 from distillation_runtime.stages.train import TrainJob, run
 from distillation_runtime.toy import (
+    TASKS,
     Example,
     ModelSize,
     exact_match,
@@ -203,8 +206,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="one seed, fewer steps")
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument(
+        "--task", choices=sorted(TASKS), default="addition", help="built-in task (toy.TASKS)"
+    )
     args = parser.parse_args()
-    settings = QUICK if args.quick else DEFAULT
+    settings = dataclasses.replace(QUICK if args.quick else DEFAULT, task=args.task)
     seeds = args.seeds or settings.seeds
     started = time.perf_counter()
     runs = []
