@@ -1,8 +1,9 @@
 """``distill``: the command line of the pipeline.
 
 ``distill validate SPEC`` checks a spec (a bare pipeline spec or a whole Distillation manifest)
-with the same rules the API server applies, and prints it with every default filled in. The
-stage commands (``run``, ``plan``, ``stage``) build on it.
+with the same rules the API server applies, and prints it with every default filled in.
+``distill plan SPEC`` prints the stage graph with fingerprints, artifacts and what is done. The
+stage commands (``run``, ``stage``) build on them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from distillation_runtime.plan import COMPLETION_MARKER, make_plan
 from distillation_runtime.spec import SpecError, dump_spec, load_pipeline_spec
 from distillation_runtime.yamlio import dump_yaml
 
@@ -26,6 +28,35 @@ def validate(path: Path) -> int:
     return 0
 
 
+def stage_state(artifact: str) -> str:
+    """complete / missing for a local artifact folder; unknown for remote storage (for now)."""
+    if "://" in artifact and not artifact.startswith("file://"):
+        return "unknown (remote)"
+    folder = Path(artifact.removeprefix("file://"))
+    return "complete" if (folder / COMPLETION_MARKER).exists() else "to run"
+
+
+def show_plan(path: Path) -> int:
+    """Print the stage graph, each stage's fingerprint and artifact, and whether it is done."""
+    try:
+        spec = load_pipeline_spec(path.read_text())
+    except SpecError as err:
+        print(f"{path}: {err}", file=sys.stderr)
+        return 2
+    plan = make_plan(spec)
+    rows = [("stage", "after", "fingerprint", "state", "artifact")]
+    for stage in plan.stages:
+        after = ",".join(i.value for i in stage.inputs) or "-"
+        artifact = stage.artifact(plan.output)
+        rows.append((stage.name.value, after, stage.fingerprint, stage_state(artifact), artifact))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="LLM knowledge distillation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a spec and print it with every default filled in"
     )
     check.add_argument("spec", type=Path, help="pipeline spec or Distillation manifest (YAML)")
+    plan = commands.add_parser(
+        "plan", help="print the stages, their fingerprints and artifacts, and which are done"
+    )
+    plan.add_argument("spec", type=Path, help="pipeline spec or Distillation manifest (YAML)")
     return parser
 
 
@@ -40,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.spec)
+    if args.command == "plan":
+        return show_plan(args.spec)
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
 
 
