@@ -30,6 +30,7 @@ class Record:
     response_ids: list[int]
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    reference: str | None = None  # the dataset's expected answer, when it has one
 
 
 def write_parquet(records: Sequence[Record], path: Path) -> None:
@@ -44,6 +45,8 @@ def write_parquet(records: Sequence[Record], path: Path) -> None:
         "prompt_ids": pa.array([r.prompt_ids for r in records], pa.list_(pa.int32())),
         "response_ids": pa.array([r.response_ids for r in records], pa.list_(pa.int32())),
     }
+    if any(r.reference is not None for r in records):
+        columns["reference"] = pa.array([r.reference for r in records], pa.string())
     if has_topk:
         columns["topk_ids"] = pa.array(
             [r.topk_ids for r in records], pa.list_(pa.list_(pa.int32()))
@@ -69,6 +72,7 @@ def read_parquet(path: Path) -> list[Record]:
             response_ids=row["response_ids"],
             topk_ids=row.get("topk_ids"),
             topk_logprobs=row.get("topk_logprobs"),
+            reference=row.get("reference"),
         )
         for row in table
     ]

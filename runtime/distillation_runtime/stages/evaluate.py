@@ -1,0 +1,246 @@
+"""The evaluate stage: teacher and student on the held-out prompts of the user's own workload.
+
+Config in (``EvaluateJob``), one pass, artifacts out:
+
+1. the teacher's answers come from the generate stage (records of the eval split);
+2. the student answers the same prompts (greedy), timed; the teacher is timed too when its
+   weights are given;
+3. text metrics of the student against the teacher's answers, and of both against the dataset's
+   expected answers when it has them; the student's perplexity on the teacher's answers (and the
+   teacher's own, when its weights are given);
+4. retention per metric (student / teacher; teacher / student for perplexity) and the gate;
+5. ``report.json``, ``scores.png`` (teacher vs student), ``loss.png`` (from the train stage's
+   metrics when given) and a model card, ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distillation_runtime.metrics import TEXT_METRICS, check_gate, mean_score, retention
+from distillation_runtime.records import Record
+from distillation_runtime.spec import EvaluateSpec
+
+REPORT_FILE = "report.json"
+MODEL_CARD = "README.md"
+
+
+class EvaluateJob(BaseModel):
+    """One evaluation: what ``distill run`` and the RayJob both execute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    student: str = Field(description="Folder of the student checkpoint to evaluate.")
+    teacher: str | None = Field(
+        default=None, description="Folder of the teacher (its perplexity and latency)."
+    )
+    records: str = Field(description="Parquet of the teacher's answers on the eval split.")
+    output: str = Field(description="Folder for the report, plots and model card.")
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    max_new_tokens: int = Field(default=512, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    train_metrics: str | None = Field(
+        default=None, description="The train stage's metrics.jsonl, for the loss plot."
+    )
+    lineage: dict[str, str] = Field(
+        default_factory=dict, description="Where the models and data came from (model card)."
+    )
+
+
+def perplexity(model: Any, records: list[Record], batch_size: int) -> float:
+    """exp(mean negative log-likelihood) of ``model`` on the records' responses."""
+    import torch
+
+    from distillation_runtime.records import collate
+
+    model.eval()
+    total, count = 0.0, 0
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    for start in range(0, len(records), batch_size):
+        batch = collate(records[start : start + batch_size], pad, max_length=1_000_000)
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logprobs = logits.float().log_softmax(-1).gather(-1, batch.targets.unsqueeze(-1))
+        total -= float(logprobs.squeeze(-1)[batch.loss_mask].sum())
+        count += batch.tokens
+    return math.exp(total / count) if count else float("nan")
+
+
+def _answer(
+    folder: str, prompts: list[str], job: EvaluateJob
+) -> tuple[list[Record], dict[str, float]]:
+    """Greedy answers of the model in ``folder``, and its speed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillation_runtime.generation import SamplingConfig, generate
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    started = time.perf_counter()
+    answers = generate(
+        model,
+        tokenizer,
+        prompts,
+        SamplingConfig(max_new_tokens=job.max_new_tokens, batch_size=job.batch_size),
+    )
+    seconds = time.perf_counter() - started
+    tokens = sum(len(a.response_ids) for a in answers)
+    speed = {
+        "seconds_per_prompt": seconds / max(1, len(prompts)),
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+    }
+    return answers, speed
+
+
+def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
+    """Every number of the report (pure apart from running the models)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = job.evaluate
+    if spec.max_samples is not None:
+        teacher_records = teacher_records[: spec.max_samples]
+    prompts = [r.prompt for r in teacher_records]
+    teacher_answers = [r.response for r in teacher_records]
+    student_records, student_speed = _answer(job.student, prompts, job)
+    student_answers = [r.response for r in student_records]
+    references = [r.reference for r in teacher_records]
+    has_references = all(ref is not None for ref in references) and bool(references)
+
+    teacher_scores: dict[str, float] = {}
+    student_scores: dict[str, float] = {}
+    agreement: dict[str, float] = {}
+    for metric in (m.value for m in spec.metrics):
+        if metric in TEXT_METRICS:
+            agreement[metric] = mean_score(metric, student_answers, teacher_answers)
+            if has_references:
+                refs = [r or "" for r in references]
+                teacher_scores[metric] = mean_score(metric, teacher_answers, refs)
+                student_scores[metric] = mean_score(metric, student_answers, refs)
+            else:  # the teacher's answers are the reference: the teacher scores 1 by definition
+                teacher_scores[metric] = 1.0
+                student_scores[metric] = agreement[metric]
+    teacher_speed: dict[str, float] = {}
+    if "perplexity" in {m.value for m in spec.metrics}:
+        student_scores["perplexity"] = perplexity(
+            AutoModelForCausalLM.from_pretrained(job.student), teacher_records, job.batch_size
+        )
+        if job.teacher is not None:
+            teacher_scores["perplexity"] = perplexity(
+                AutoModelForCausalLM.from_pretrained(job.teacher), teacher_records, job.batch_size
+            )
+    if job.teacher is not None:
+        _, teacher_speed = _answer(job.teacher, prompts, job)
+
+    retentions = {
+        m: retention(m, student_scores[m], teacher_scores[m]) if m in teacher_scores else None
+        for m in student_scores
+    }
+    gate = check_gate(spec.gate.metric.value, float(spec.gate.min_retention), retentions)
+    return {
+        "samples": len(teacher_records),
+        "reference": "dataset" if has_references else "teacher",
+        "teacher": teacher_scores,
+        "student": student_scores,
+        "agreement_with_teacher": agreement,
+        "retention": retentions,
+        "gate": asdict(gate),
+        "speed": {"student": student_speed, "teacher": teacher_speed},
+        "lineage": job.lineage,
+        "examples": [
+            {"prompt": p, "teacher": t, "student": s}
+            for p, t, s in list(zip(prompts, teacher_answers, student_answers, strict=True))[:5]
+        ],
+    }
+
+
+def plot_scores(report: dict[str, Any], path: Path) -> None:
+    """Teacher vs student bars, one pair per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted(report["student"])
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        values = [report["teacher"].get(metric, float("nan")), report["student"][metric]]
+        axis.bar(["teacher", "student"], values, color=["#4c72b0", "#dd8452"])
+        axis.set_title(metric)
+    figure.suptitle(f"gate: {report['gate']['message']}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_losses(metrics_file: Path, path: Path) -> None:
+    """Training loss curves, one line per loss part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    parts = [k for k in ("loss", "response", "logits", "features") if lines and k in lines[0]]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for part in parts:
+        axis.plot([x["step"] for x in lines], [x[part] for x in lines], label=part)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def model_card(report: dict[str, Any]) -> str:
+    """The student's model card: lineage, data, metrics, gate, and honest limits."""
+    rows = "\n".join(
+        f"| {m} | {report['teacher'].get(m, float('nan')):.4f} | {report['student'][m]:.4f} | "
+        f"{'' if report['retention'].get(m) is None else format(report['retention'][m], '.4f')} |"
+        for m in sorted(report["student"])
+    )
+    lineage = (
+        "\n".join(f"- {k}: {v}" for k, v in sorted(report["lineage"].items())) or "- (not recorded)"
+    )
+    gate = report["gate"]
+    return f"""# Distilled student
+
+{"PASSED" if gate["passed"] else "FAILED"} the quality gate: {gate["message"]}.
+
+## Lineage
+{lineage}
+
+## Evaluation
+{report["samples"]} held-out prompts of the workload; reference answers: {report["reference"]}.
+
+| metric | teacher | student | retention |
+|---|---|---|---|
+{rows}
+
+## Limits
+- A distilled student learns its teacher's answers, including the teacher's mistakes; it is
+  measured against the teacher here, so errors they share are not counted against it.
+- The numbers hold for prompts like the held-out ones; other traffic may differ.
+"""
+
+
+def run(job: EvaluateJob) -> dict[str, Any]:
+    """Evaluate, write the report, plots and model card; return the report."""
+    from distillation_runtime.records import read_parquet
+
+    output = Path(job.output)
+    output.mkdir(parents=True, exist_ok=True)
+    report = score(job, read_parquet(Path(job.records)))
+    (output / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    plot_scores(report, output / "scores.png")
+    if job.train_metrics is not None and Path(job.train_metrics).exists():
+        plot_losses(Path(job.train_metrics), output / "loss.png")
+    (output / MODEL_CARD).write_text(model_card(report))
+    return report
