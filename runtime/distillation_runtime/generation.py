@@ -2,12 +2,15 @@
 
 The log-probs are the teacher's own distribution (log-softmax of the raw logits at temperature
 1, before any sampling processor), which is what offline logit distillation needs.
+
+Stop strings end a response: its text excludes the stop string, its token ids keep the tokens
+that spelled it (so a student learns where to stop), and ``finish_reason`` says ``stop``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from distillation_runtime.records import Record
@@ -22,6 +25,9 @@ class SamplingConfig:
     top_p: float = 1.0
     top_logprobs: int = 0
     batch_size: int = 32
+    samples: int = 1
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
 
 
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -29,21 +35,30 @@ def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one was found."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 def generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], config: SamplingConfig
 ) -> list[Record]:
-    """One record per prompt, in order. Prompts are encoded without special tokens."""
+    """``config.samples`` records per prompt, in prompt order. Prompts are encoded without
+    special tokens (chat prompts are already rendered by the chat template)."""
     import torch
 
     model.eval()
     eos = tokenizer.eos_token_id
+    sampling = config.temperature > 0
+    if sampling:
+        torch.manual_seed(config.seed)
     records: list[Record] = []
     for chunk in _batches(prompts, config.batch_size):
         tokenizer.padding_side = "left"
         encoded = tokenizer(
             list(chunk), return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        sampling = config.temperature > 0
+        ).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **encoded,
@@ -52,6 +67,9 @@ def generate(
                 temperature=config.temperature if sampling else None,
                 top_p=config.top_p if sampling else None,
                 top_k=None,
+                num_return_sequences=config.samples,
+                stop_strings=list(config.stop) or None,
+                tokenizer=tokenizer if config.stop else None,
                 eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
                 return_dict_in_generate=True,
@@ -62,23 +80,32 @@ def generate(
         if config.top_logprobs > 0:
             logprobs = torch.stack(out.logits, dim=1).float().log_softmax(dim=-1)
             top = logprobs.topk(config.top_logprobs, dim=-1)
-        for row, prompt in enumerate(chunk):
+        for row in range(generated.shape[0]):
+            source = row // config.samples
             ids = generated[row].tolist()
-            if eos in ids:
+            ended = eos in ids
+            if ended:
                 ids = ids[: ids.index(eos) + 1]
-            prompt_ids = encoded["input_ids"][row][encoded["attention_mask"][row].bool()].tolist()
+            else:  # drop padding after a stop string ended this row early
+                while ids and ids[-1] == tokenizer.pad_token_id:
+                    ids.pop()
+            text, stopped = cut_at_stop(
+                tokenizer.decode(ids, skip_special_tokens=True), config.stop
+            )
+            mask = encoded["attention_mask"][source].bool()
             topk_ids = topk_logprobs = None
             if config.top_logprobs > 0:
                 topk_ids = top.indices[row, : len(ids)].tolist()
                 topk_logprobs = top.values[row, : len(ids)].tolist()
             records.append(
                 Record(
-                    prompt=prompt,
-                    response=tokenizer.decode(ids, skip_special_tokens=True),
-                    prompt_ids=prompt_ids,
+                    prompt=chunk[source],
+                    response=text,
+                    prompt_ids=encoded["input_ids"][source][mask].tolist(),
                     response_ids=ids,
                     topk_ids=topk_ids,
                     topk_logprobs=topk_logprobs,
+                    finish_reason="stop" if ended or stopped else "length",
                 )
             )
     return records

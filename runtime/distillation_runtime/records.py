@@ -31,6 +31,7 @@ class Record:
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
     reference: str | None = None  # the dataset's expected answer, when it has one
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
 
 
 def write_parquet(records: Sequence[Record], path: Path) -> None:
@@ -45,6 +46,8 @@ def write_parquet(records: Sequence[Record], path: Path) -> None:
         "prompt_ids": pa.array([r.prompt_ids for r in records], pa.list_(pa.int32())),
         "response_ids": pa.array([r.response_ids for r in records], pa.list_(pa.int32())),
     }
+    if any(r.finish_reason is not None for r in records):
+        columns["finish_reason"] = pa.array([r.finish_reason for r in records], pa.string())
     if any(r.reference is not None for r in records):
         columns["reference"] = pa.array([r.reference for r in records], pa.string())
     if has_topk:
@@ -73,6 +76,7 @@ def read_parquet(path: Path) -> list[Record]:
             topk_ids=row.get("topk_ids"),
             topk_logprobs=row.get("topk_logprobs"),
             reference=row.get("reference"),
+            finish_reason=row.get("finish_reason"),
         )
         for row in table
     ]

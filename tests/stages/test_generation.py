@@ -6,7 +6,13 @@ import torch
 
 from distillation_runtime.generation import SamplingConfig, generate
 from distillation_runtime.records import collate
-from distillation_runtime.toy import ModelSize, make_model, make_tokenizer, sample_examples
+from distillation_runtime.toy import (
+    ALPHABET,
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+)
 
 
 def test_topk_logprobs_equal_a_direct_forward_pass_and_line_up_with_training_targets() -> None:
@@ -39,3 +45,26 @@ def test_batched_generation_answers_like_one_prompt_at_a_time() -> None:
     batched = generate(teacher, tokenizer, prompts, SamplingConfig(max_new_tokens=6, batch_size=8))
     single = generate(teacher, tokenizer, prompts, SamplingConfig(max_new_tokens=6, batch_size=1))
     assert [r.response_ids for r in batched] == [r.response_ids for r in single]
+
+
+def test_samples_stop_strings_and_finish_reasons() -> None:
+    tokenizer = make_tokenizer()
+    teacher = make_model(tokenizer, ModelSize(), seed=7)
+    prompts = [e.prompt for e in sample_examples("addition", 4, seed=3)]
+    config = SamplingConfig(max_new_tokens=8, temperature=1.5, samples=3, seed=1)
+    records = generate(teacher, tokenizer, prompts, config)
+    assert [r.prompt for r in records] == [p for p in prompts for _ in range(3)]
+    assert len({tuple(r.response_ids) for r in records[:3]}) > 1  # samples differ
+    assert {r.finish_reason for r in records} <= {"stop", "length"}
+    for r in records:
+        assert (r.finish_reason == "stop") == (r.response_ids[-1:] == [tokenizer.eos_token_id])
+    # a stop string: every character is a stop string here, so each answer ends at once
+    stopped = generate(
+        teacher, tokenizer, prompts, SamplingConfig(max_new_tokens=8, stop=tuple(ALPHABET))
+    )
+    for r in stopped:
+        assert r.response == ""
+        assert 1 <= len(r.response_ids) <= 8
+        if r.finish_reason == "length":  # only special tokens came out: nothing to stop on
+            assert tokenizer.decode(r.response_ids, skip_special_tokens=True) == ""
+    assert any(r.finish_reason == "stop" for r in stopped)

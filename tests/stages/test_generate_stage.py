@@ -1,0 +1,114 @@
+"""The generate stage: Ray Data actors answer like a direct call; the vLLM adapter's contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from distillation_runtime.generation import SamplingConfig, generate
+from distillation_runtime.records import read_parquet
+from distillation_runtime.spec import GenerateBackend, GenerateSpec
+from distillation_runtime.stages.generate import (
+    PromptItem,
+    choose_backend,
+    records_from_vllm,
+    run,
+    sampling_kwargs,
+)
+from distillation_runtime.toy import (
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+    save_pretrained,
+)
+
+
+def test_auto_backend_needs_vllm_and_a_gpu() -> None:
+    assert choose_backend(GenerateBackend.AUTO, vllm_importable=True, gpus=1) == "vllm"
+    assert choose_backend(GenerateBackend.AUTO, vllm_importable=True, gpus=0) == "transformers"
+    assert choose_backend(GenerateBackend.AUTO, vllm_importable=False, gpus=8) == "transformers"
+    assert (
+        choose_backend(GenerateBackend.TRANSFORMERS, vllm_importable=True, gpus=8) == "transformers"
+    )
+    with pytest.raises(RuntimeError, match="backend: transformers or auto"):
+        choose_backend(GenerateBackend.VLLM, vllm_importable=False, gpus=0)
+
+
+def test_vllm_request_uses_vllm_names() -> None:
+    spec = GenerateSpec.model_validate(
+        {
+            "maxNewTokens": 64,
+            "samplesPerPrompt": 2,
+            "temperature": "0.7",
+            "topP": "0.9",
+            "topLogprobs": 5,
+            "stop": ["\n\n"],
+            "seed": 3,
+        }
+    )
+    assert sampling_kwargs(spec) == {
+        "n": 2,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 64,
+        "stop": ["\n\n"],
+        "logprobs": 5,
+        "seed": 3,
+    }
+    assert sampling_kwargs(GenerateSpec())["logprobs"] is None
+
+
+def test_vllm_results_become_records_with_the_top_k_by_logprob() -> None:
+    def logprob(value: float, rank: int) -> SimpleNamespace:  # vllm.logprobs.Logprob's fields
+        return SimpleNamespace(logprob=value, rank=rank, decoded_token="x")
+
+    completion = SimpleNamespace(
+        text="42",
+        token_ids=[7, 9],
+        finish_reason="stop",
+        # the sampled token (id 3, rank 4) rides along with the top-2: k + 1 entries
+        logprobs=[
+            {7: logprob(-0.1, 1), 5: logprob(-2.5, 2), 3: logprob(-4.0, 4)},
+            {9: logprob(-0.2, 1), 2: logprob(-1.9, 2)},
+        ],
+    )
+    output = SimpleNamespace(prompt="6*7=", prompt_token_ids=[1, 2, 3], outputs=[completion])
+    [record] = records_from_vllm([output], top_k=2)
+    assert record.response == "42"
+    assert record.response_ids == [7, 9]
+    assert record.prompt_ids == [1, 2, 3]
+    assert record.topk_ids == [[7, 5], [9, 2]]
+    assert record.topk_logprobs == [[-0.1, -2.5], [-0.2, -1.9]]
+    assert record.finish_reason == "stop"
+
+
+def test_ray_data_actors_answer_like_a_direct_call(tmp_path: Path) -> None:
+    tokenizer = make_tokenizer()
+    teacher = make_model(tokenizer, ModelSize(), seed=8)
+    folder = save_pretrained(teacher, tokenizer, tmp_path / "teacher")
+    examples = sample_examples("addition", 12, seed=5)
+    items = [
+        PromptItem(e.prompt, "eval" if i % 4 == 0 else "train", e.answer)
+        for i, e in enumerate(examples)
+    ]
+    spec = GenerateSpec.model_validate({"maxNewTokens": 6, "topLogprobs": 4, "batchSize": 4})
+    result = run(str(folder), items, spec, tmp_path / "out", actors=2)
+    assert result.backend == "transformers"
+    assert result.records == 12
+    train, held_out = read_parquet(result.train), read_parquet(result.eval)
+    assert [r.prompt for r in held_out] == [e.prompt for i, e in enumerate(examples) if i % 4 == 0]
+    assert [r.reference for r in held_out] == [
+        e.answer for i, e in enumerate(examples) if i % 4 == 0
+    ]
+    direct = generate(
+        teacher,
+        tokenizer,
+        [r.prompt for r in train],
+        SamplingConfig(max_new_tokens=6, top_logprobs=4),
+    )
+    assert [r.response_ids for r in train] == [r.response_ids for r in direct]
+    assert [r.topk_ids for r in train] == [r.topk_ids for r in direct]
+    assert 0 < result.bytes_per_token < 200
