@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from distillation_runtime.plan import COMPLETION_MARKER, make_plan
-from distillation_runtime.spec import SpecError, dump_spec, load_pipeline_spec
+from distillation_runtime.spec import PipelineSpec, SpecError, dump_spec, load_pipeline_spec
 from distillation_runtime.yamlio import dump_yaml
 
 
@@ -38,10 +38,8 @@ def stage_state(artifact: str) -> str:
 
 def show_plan(path: Path) -> int:
     """Print the stage graph, each stage's fingerprint and artifact, and whether it is done."""
-    try:
-        spec = load_pipeline_spec(path.read_text())
-    except SpecError as err:
-        print(f"{path}: {err}", file=sys.stderr)
+    spec = _load(path)
+    if spec is None:
         return 2
     plan = make_plan(spec)
     rows = [("stage", "after", "fingerprint", "state", "artifact")]
@@ -57,6 +55,54 @@ def show_plan(path: Path) -> int:
     return 0
 
 
+def _load(path: Path) -> PipelineSpec | None:
+    try:
+        return load_pipeline_spec(path.read_text())
+    except SpecError as err:
+        print(f"{path}: {err}", file=sys.stderr)
+        return None
+
+
+def run_all(path: Path) -> int:
+    """Run every stage of the plan locally; complete stages are reused."""
+    from distillation_runtime.pipeline import Runner, results_table
+
+    spec = _load(path)
+    if spec is None:
+        return 2
+    outcomes = Runner(spec).run()
+    print(results_table(outcomes))
+    return 0
+
+
+def run_one(name: str, path: Path) -> int:
+    """Run one stage (what the operator's RayJob runs); its inputs must be complete."""
+    from distillation_runtime.pipeline import Runner
+    from distillation_runtime.storage import artifact_complete
+
+    spec = _load(path)
+    if spec is None:
+        return 2
+    runner = Runner(spec)
+    try:
+        stage = runner.plan[name]
+    except KeyError as err:
+        print(f"distill stage: {err.args[0]}", file=sys.stderr)
+        return 2
+    missing = [i.value for i in stage.inputs if not artifact_complete(runner.artifact(i))]
+    if missing:
+        print(
+            f"distill stage {name}: inputs not complete yet: {', '.join(missing)}", file=sys.stderr
+        )
+        return 3
+    if artifact_complete(runner.artifact(stage.name)):
+        print(f"{name}: already complete at {runner.artifact(stage.name)}")
+        return 0
+    outcome = runner.run_stage(stage)
+    print(f"{name}: {outcome.state} in {outcome.seconds:.1f} s -> {outcome.artifact}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="LLM knowledge distillation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="print the stages, their fingerprints and artifacts, and which are done"
     )
     plan.add_argument("spec", type=Path, help="pipeline spec or Distillation manifest (YAML)")
+    run = commands.add_parser("run", help="run every stage locally, reusing complete ones")
+    run.add_argument("spec", type=Path, help="pipeline spec or Distillation manifest (YAML)")
+    stage = commands.add_parser("stage", help="run one stage (what a RayJob runs)")
+    stage.add_argument("name", help="stage name, as `distill plan` prints it")
+    stage.add_argument("--config", type=Path, required=True, help="the pipeline spec (YAML)")
     return parser
 
 
@@ -77,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return validate(args.spec)
     if args.command == "plan":
         return show_plan(args.spec)
+    if args.command == "run":
+        return run_all(args.spec)
+    if args.command == "stage":
+        return run_one(args.name, args.config)
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
 
 
