@@ -12,6 +12,7 @@ enforced by the API server at ``kubectl apply``) and as a pydantic validator (en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Self, TypeVar
 
@@ -841,11 +842,21 @@ def field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
     return path or "(root)"
 
 
-def describe_errors(err: ValidationError, prefix: str = "spec") -> list[str]:
-    """One readable line per pydantic error: the field path, what was wrong, the value given."""
+Locator = Callable[[tuple[int | str, ...]], int | None]
+"""Maps an error's location (field path) to a line of the source file, when known."""
+
+
+def describe_errors(
+    err: ValidationError, prefix: str = "spec", locate: Locator | None = None
+) -> list[str]:
+    """One readable line per pydantic error: the field path (and the file's line when known),
+    what was wrong, the value given."""
     lines = []
     for item in err.errors(include_url=False):
         path = field_path(prefix, item["loc"])
+        line = locate(tuple(item["loc"])) if locate else None
+        if line is not None:
+            path += f" (line {line})"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
             lines.append(f"{path}: required field is missing")
@@ -861,12 +872,39 @@ def describe_errors(err: ValidationError, prefix: str = "spec") -> list[str]:
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_model(model: type[M], data: Any, prefix: str = "spec") -> M:
+def parse_model(
+    model: type[M], data: Any, prefix: str = "spec", locate: Locator | None = None
+) -> M:
     """Validate ``data`` as ``model``; raise ``SpecError`` naming every bad field."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise SpecError(describe_errors(err, prefix)) from None
+        raise SpecError(describe_errors(err, prefix, locate)) from None
+
+
+def yaml_locator(text: str, base: tuple[str, ...] = ()) -> Locator:
+    """Find the line of a field path in YAML text (the deepest existing node on the path)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+
+    def locate(loc: tuple[int | str, ...]) -> int | None:
+        node = root
+        line = None
+        for part in (*base, *loc):
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == part), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                node = node.value[part] if part < len(node.value) else None
+            else:
+                node = None
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+        return line
+
+    return locate
 
 
 CLUSTER_ONLY_FIELDS = frozenset({"placement", "serve", "policy", "secrets"})
@@ -876,13 +914,17 @@ CLUSTER_ONLY_FIELDS = frozenset({"placement", "serve", "policy", "secrets"})
 def load_pipeline_spec(text: str) -> PipelineSpec:
     """Parse a pipeline spec from YAML: a bare spec, or a whole Distillation manifest (its
     cluster-only fields are ignored, so the same file runs locally and in the cluster)."""
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError([f"spec: not valid YAML: {err}"]) from None
+    base: tuple[str, ...] = ()
     if isinstance(data, dict) and "spec" in data and "kind" in data:
-        data = data["spec"]
+        data, base = data["spec"], ("spec",)
     if not isinstance(data, dict):
         raise SpecError([f"spec: expected a mapping, got {type(data).__name__}"])
     pipeline = {k: v for k, v in data.items() if k not in CLUSTER_ONLY_FIELDS}
-    return parse_model(PipelineSpec, pipeline)
+    return parse_model(PipelineSpec, pipeline, locate=yaml_locator(text, base))
 
 
 def dump_spec(spec: BaseModel) -> dict[str, Any]:

@@ -33,5 +33,11 @@ def test_validate_names_every_bad_field(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(manifest))
     out = distill("validate", str(bad))
     assert out.returncode == 2
-    assert "spec.train.epochs: Input should be greater than or equal to 1 (got 0)" in out.stderr
-    assert "spec.dataset.evalFraction: must be a quoted decimal string" in out.stderr
+    lines = bad.read_text().splitlines()
+    epochs = next(i for i, line in enumerate(lines, 1) if line.strip() == "epochs: 0")
+    fraction = next(i for i, line in enumerate(lines, 1) if "evalFraction" in line)
+    assert (
+        f"spec.train.epochs (line {epochs}): Input should be greater than or equal to 1 (got 0)"
+        in out.stderr
+    )
+    assert f"spec.dataset.evalFraction (line {fraction}): must be a quoted decimal" in out.stderr
