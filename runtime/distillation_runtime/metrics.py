@@ -9,6 +9,8 @@ over the student's.
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,3 +110,23 @@ def check_gate(metric: str, threshold: float, retentions: dict[str, float | None
         f"{metric} retention {value:.4f} {'>=' if passed else '<'} {threshold:.4f}: the student "
         f"{verdict} the gate",
     )
+
+
+def pattern_pass_rate(answers: Sequence[str], pattern: str) -> float:
+    """Share of answers the regular expression matches whole (after trimming whitespace)."""
+    compiled = re.compile(pattern)
+    hits = sum(compiled.fullmatch(a.strip()) is not None for a in answers)
+    return hits / len(answers) if answers else 0.0
+
+
+def json_pass_rate(answers: Sequence[str]) -> float:
+    """Share of answers that parse as JSON."""
+
+    def parses(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+
+    return sum(parses(a) for a in answers) / len(answers) if answers else 0.0

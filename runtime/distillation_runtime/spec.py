@@ -12,6 +12,7 @@ enforced by the API server at ``kubectl apply``) and as a pydantic validator (en
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Self, TypeVar
@@ -718,6 +719,30 @@ class GateSpec(SpecModel):
     )
 
 
+class AnswerChecks(SpecModel):
+    """Task checks on every answer, reported for teacher and student (share of answers that
+    pass). They need no reference answer."""
+
+    pattern: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="A regular expression (Python syntax) the whole answer must match, e.g. "
+        '"^[0-9]+$" for a number.',
+    )
+    valid_json: bool = Field(default=False, description="The answer must parse as JSON.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from None
+        return pattern
+
+
 def _default_metrics() -> list[Metric]:
     return [Metric.TOKEN_F1, Metric.ROUGE_L]
 
@@ -747,6 +772,9 @@ class EvaluateSpec(SpecModel):
     gate: GateSpec = section(GateSpec, "The quality gate.")
     max_samples: int | None = Field(
         default=None, ge=1, description="Evaluate on at most this many held-out prompts."
+    )
+    checks: AnswerChecks | None = Field(
+        default=None, description="Task checks on each answer (format, JSON); reported only."
     )
 
     @model_validator(mode="after")

@@ -98,3 +98,11 @@ def test_expected_answers_score_both_models(models: Path) -> None:
     assert report["samples"] == 10
     assert report["teacher"]["exactMatch"] == report["student"]["exactMatch"]  # the same model
     assert report["teacher"]["exactMatch"] < 1.0  # a random teacher does not know addition
+
+
+def test_answer_checks_are_reported_for_both(models: Path) -> None:
+    checks = {"pattern": "[0-9]*", "validJson": True}
+    report = run(job(models, "teacher", "checks", checks=checks))
+    for name in ("pattern", "validJson"):
+        assert report["checks"][name]["teacher"] == report["checks"][name]["student"]
+        assert 0.0 <= report["checks"][name]["teacher"] <= 1.0

@@ -57,3 +57,11 @@ def test_gate_passes_and_fails_with_its_reason() -> None:
     unknown = check_gate("perplexity", 0.9, {"perplexity": None})
     assert not unknown.passed
     assert unknown.retention is None
+
+
+def test_task_checks() -> None:
+    from distillation_runtime.metrics import json_pass_rate, pattern_pass_rate
+
+    assert pattern_pass_rate(["95", " 12 ", "1a"], r"[0-9]+") == pytest.approx(2 / 3)
+    assert json_pass_rate(['{"a": 1}', "[1, 2]", "{a: 1}", ""]) == 0.5
+    assert pattern_pass_rate([], ".*") == 0.0

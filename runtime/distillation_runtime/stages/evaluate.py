@@ -24,7 +24,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from distillation_runtime.metrics import TEXT_METRICS, check_gate, mean_score, retention
+from distillation_runtime.metrics import (
+    TEXT_METRICS,
+    check_gate,
+    json_pass_rate,
+    mean_score,
+    pattern_pass_rate,
+    retention,
+)
 from distillation_runtime.records import Record
 from distillation_runtime.spec import EvaluateSpec
 
@@ -138,6 +145,17 @@ def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
     if job.teacher is not None:
         _, teacher_speed = _answer(job.teacher, prompts, job)
 
+    checks: dict[str, dict[str, float]] = {}
+    if spec.checks is not None and spec.checks.pattern is not None:
+        checks["pattern"] = {
+            "teacher": pattern_pass_rate(teacher_answers, spec.checks.pattern),
+            "student": pattern_pass_rate(student_answers, spec.checks.pattern),
+        }
+    if spec.checks is not None and spec.checks.valid_json:
+        checks["validJson"] = {
+            "teacher": json_pass_rate(teacher_answers),
+            "student": json_pass_rate(student_answers),
+        }
     retentions = {
         m: retention(m, student_scores[m], teacher_scores[m]) if m in teacher_scores else None
         for m in student_scores
@@ -149,6 +167,7 @@ def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
         "teacher": teacher_scores,
         "student": student_scores,
         "agreement_with_teacher": agreement,
+        "checks": checks,
         "retention": retentions,
         "gate": asdict(gate),
         "speed": {"student": student_speed, "teacher": teacher_speed},
