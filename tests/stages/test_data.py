@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
 import uuid
 from pathlib import Path
 
@@ -251,22 +250,6 @@ def test_a_missing_or_empty_dataset_says_so(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------
 # S3
 # --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{server._port}"
-    server.stop()
 
 
 def test_prompts_are_read_from_s3_shards(s3_endpoint, monkeypatch, tmp_path) -> None:
