@@ -34,9 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from distillation_runtime.generation import SamplingConfig, generate
-from distillation_runtime.records import write_parquet
-from distillation_runtime.spec import TrainSpec
-from distillation_runtime.stages.train import TrainJob, run
 from distillation_runtime.toy import (
     TASKS,
     Example,
@@ -48,6 +45,7 @@ from distillation_runtime.toy import (
     parameter_count,
     sample_examples,
     save_pretrained,
+    train_on_records,
 )
 
 TEACHER = ModelSize(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2)
@@ -71,38 +69,6 @@ class Settings:
 # nothing about distillation.
 QUICK = Settings("addition", 3000, 2000, 500, 3000, 200, 1)
 DEFAULT = Settings("addition", 4000, 3000, 500, 6000, 300, 3)
-
-
-def train_spec(steps_batch: int, logits: bool, lr: str) -> TrainSpec:
-    losses: dict[str, Any] = {"response": "1.0"}
-    if logits:
-        losses["logits"] = {"weight": "1.0", "temperature": "2.0", "source": "offline"}
-    return TrainSpec.model_validate(
-        {
-            "losses": losses,
-            "batchSize": steps_batch,
-            "epochs": 1000,  # bounded by max_steps: every student gets the same step budget
-            "learningRate": lr,
-            "warmupRatio": "0.05",
-            "maxSeqLength": 32,
-        }
-    )
-
-
-def train(
-    root: Path, name: str, start: Path, data: Any, steps: int, batch: int, logits: bool, seed: int
-) -> Path:
-    write_parquet(data, root / f"{name}.parquet")
-    spec = train_spec(batch, logits, "3e-3").model_copy(update={"seed": seed})
-    job = TrainJob(
-        student=str(start),
-        data=str(root / f"{name}.parquet"),
-        output=str(root / name),
-        train=spec,
-        max_steps=steps,
-        checkpoint_every=steps,
-    )
-    return run(job, use_ray=False)
 
 
 def accuracy(model_dir: Path, held_out: list[Example]) -> float:
@@ -144,15 +110,12 @@ def make_teacher(settings: Settings, root: Path) -> Teacher:
         make_model(tokenizer, TEACHER, seed=0), tokenizer, root / "teacher-init"
     )
     t0 = time.perf_counter()
-    folder = train(
-        root,
-        "teacher",
-        start,
+    folder = train_on_records(
         gold_records(tokenizer, gold),
+        start,
+        root / "teacher",
         settings.teacher_steps,
-        settings.batch,
-        False,
-        0,
+        batch=settings.batch,
     )
     seconds = time.perf_counter() - t0
     params = parameter_count(AutoModelForCausalLM.from_pretrained(folder))
@@ -187,8 +150,14 @@ def one_seed(settings: Settings, teacher: Teacher, seed: int, root: Path) -> dic
         ("response+logits", labelled, True),
     ):
         t0 = time.perf_counter()
-        folder = train(
-            root, name, start, data, settings.student_steps, settings.batch, logits, seed
+        folder = train_on_records(
+            data,
+            start,
+            root / name,
+            settings.student_steps,
+            batch=settings.batch,
+            logits=logits,
+            seed=seed,
         )
         results[f"{name}_seconds"] = time.perf_counter() - t0
         results[name] = accuracy(folder, teacher.held_out)

@@ -12,9 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distillation_runtime.records import write_parquet
-from distillation_runtime.spec import TrainSpec
-from distillation_runtime.stages.train import TrainJob, run
 from distillation_runtime.toy import (
     ModelSize,
     gold_records,
@@ -22,6 +19,7 @@ from distillation_runtime.toy import (
     make_tokenizer,
     sample_examples,
     save_pretrained,
+    train_on_records,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -30,30 +28,18 @@ STUDENT = ModelSize(hidden=96, intermediate=224, layers=2, heads=4, kv_heads=2)
 
 
 def main(work: Path = HERE / "work", teacher_steps: int = 3000) -> int:
+    from transformers import AutoModelForCausalLM
+
     tokenizer = make_tokenizer()
     if not (work / "teacher" / "config.json").exists():
-        gold = sample_examples("addition", 3000, seed=0)
+        gold = gold_records(tokenizer, sample_examples("addition", 3000, seed=0))
         with tempfile.TemporaryDirectory() as tmp:
             start = save_pretrained(
                 make_model(tokenizer, TEACHER, seed=0), tokenizer, Path(tmp) / "init"
             )
-            write_parquet(gold_records(tokenizer, gold), Path(tmp) / "gold.parquet")
-            spec = TrainSpec.model_validate(
-                {"batchSize": 32, "epochs": 1000, "learningRate": "3e-3", "warmupRatio": "0.05"}
-            )
-            job = TrainJob(
-                student=str(start),
-                data=str(Path(tmp) / "gold.parquet"),
-                output=str(Path(tmp) / "out"),
-                train=spec,
-                max_steps=teacher_steps,
-                checkpoint_every=teacher_steps,
-            )
-            trained = run(job, use_ray=False)
+            trained = train_on_records(gold, start, Path(tmp), teacher_steps)
             save_pretrained(
-                __import__("transformers").AutoModelForCausalLM.from_pretrained(trained),
-                tokenizer,
-                work / "teacher",
+                AutoModelForCausalLM.from_pretrained(trained), tokenizer, work / "teacher"
             )
     save_pretrained(make_model(tokenizer, STUDENT, seed=1), tokenizer, work / "student")
     prompts = sample_examples("addition", 2000, seed=1)

@@ -8,6 +8,7 @@ chart does). This module configures kopf so that it keeps its own bookkeeping ou
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -17,7 +18,7 @@ from distillation_runtime.spec import API_GROUP
 ANNOTATION_PREFIX = API_GROUP
 
 
-def scanning_enabled(environ: dict[str, str] | os._Environ[str]) -> bool:
+def scanning_enabled(environ: Mapping[str, str]) -> bool:
     """Whether kopf may watch CRDs and namespaces (needs cluster-wide RBAC; off when the chart
     runs the operator in namespaced mode)."""
     return environ.get("DISTILLATION_KOPF_SCANNING", "true").lower() not in {"false", "0", "no"}

@@ -17,12 +17,19 @@ from distillation_runtime.spec import PipelineSpec, SpecError, dump_spec, load_p
 from distillation_runtime.yamlio import dump_yaml
 
 
-def validate(path: Path) -> int:
-    """Print the spec with its defaults, or every problem with it (exit status 2)."""
+def _load(path: Path) -> PipelineSpec | None:
+    """The spec in ``path``, or None after printing every problem with it."""
     try:
-        spec = load_pipeline_spec(path.read_text())
+        return load_pipeline_spec(path.read_text())
     except SpecError as err:
         print(f"{path}: {err}", file=sys.stderr)
+        return None
+
+
+def validate(path: Path) -> int:
+    """Print the spec with its defaults, or every problem with it (exit status 2)."""
+    spec = _load(path)
+    if spec is None:
         return 2
     print(dump_yaml(dump_spec(spec)), end="")
     return 0
@@ -53,14 +60,6 @@ def show_plan(path: Path) -> int:
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
     return 0
-
-
-def _load(path: Path) -> PipelineSpec | None:
-    try:
-        return load_pipeline_spec(path.read_text())
-    except SpecError as err:
-        print(f"{path}: {err}", file=sys.stderr)
-        return None
 
 
 def run_all(path: Path) -> int:

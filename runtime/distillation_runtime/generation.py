@@ -54,8 +54,8 @@ def generate(
     if sampling:
         torch.manual_seed(config.seed)
     records: list[Record] = []
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     for chunk in _batches(prompts, config.batch_size):
-        tokenizer.padding_side = "left"
         encoded = tokenizer(
             list(chunk), return_tensors="pt", padding=True, add_special_tokens=False
         ).to(model.device)

@@ -3,8 +3,9 @@ nothing.
 
 A character-level tokenizer (saved as a real ``tokenizer.json`` that ``AutoTokenizer`` loads), a
 Llama-style model from transformers' own config class, and built-in tasks whose answers can be
-checked exactly (arithmetic, string reversal). ``make_teacher`` trains a teacher on gold answers
-with the project's own training loop, so what is distilled is a real, imperfect model.
+checked exactly (arithmetic, string reversal). ``train_on_records`` trains such a model (a teacher
+on gold answers, or a student) with the project's own train stage, so what is distilled is a
+real, imperfect model.
 """
 
 from __future__ import annotations
@@ -165,3 +166,47 @@ def exact_match(answers: list[str], examples: list[Example]) -> float:
     """Share of answers equal to the correct one (surrounding whitespace ignored)."""
     hits = sum(a.strip() == e.answer for a, e in zip(answers, examples, strict=True))
     return hits / max(1, len(examples))
+
+
+def train_on_records(
+    records: list[Record],
+    start: Path,
+    work: Path,
+    steps: int,
+    *,
+    batch: int = 32,
+    logits: bool = False,
+    seed: int = 0,
+    learning_rate: str = "3e-3",
+) -> Path:
+    """Train the checkpoint in ``start`` for exactly ``steps`` optimizer steps (the train stage,
+    one process); ``logits`` adds offline logit distillation from the records' top-k. Returns
+    the trained model's folder (under ``work``)."""
+    from distillation_runtime.records import write_parquet
+    from distillation_runtime.spec import TrainSpec
+    from distillation_runtime.stages.train import TrainJob, run
+
+    losses: dict[str, Any] = {"response": "1.0"}
+    if logits:
+        losses["logits"] = {"weight": "1.0", "temperature": "2.0", "source": "offline"}
+    spec = TrainSpec.model_validate(
+        {
+            "losses": losses,
+            "batchSize": batch,
+            "epochs": 1000,  # bounded by max_steps: equal step budgets make runs comparable
+            "learningRate": learning_rate,
+            "warmupRatio": "0.05",
+            "maxSeqLength": 32,
+            "seed": seed,
+        }
+    )
+    write_parquet(records, work / "records.parquet")
+    job = TrainJob(
+        student=str(start),
+        data=str(work / "records.parquet"),
+        output=str(work / "train"),
+        train=spec,
+        max_steps=steps,
+        checkpoint_every=steps,
+    )
+    return run(job, use_ray=False)

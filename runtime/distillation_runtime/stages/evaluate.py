@@ -80,16 +80,19 @@ def perplexity(model: Any, records: list[Record], batch_size: int) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
-def _answer(
-    folder: str, prompts: list[str], job: EvaluateJob
-) -> tuple[list[Record], dict[str, float]]:
-    """Greedy answers of the model in ``folder``, and its speed."""
+def _load(folder: str) -> tuple[Any, Any]:
+    """A model and its tokenizer, loaded once per evaluation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def _answer(
+    model: Any, tokenizer: Any, prompts: list[str], job: EvaluateJob
+) -> tuple[list[Record], dict[str, float]]:
+    """Greedy answers of ``model``, and its speed."""
     from distillation_runtime.generation import SamplingConfig, generate
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     started = time.perf_counter()
     answers = generate(
         model,
@@ -108,14 +111,14 @@ def _answer(
 
 def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
     """Every number of the report (pure apart from running the models)."""
-    from transformers import AutoModelForCausalLM
-
     spec = job.evaluate
     if spec.max_samples is not None:
         teacher_records = teacher_records[: spec.max_samples]
     prompts = [r.prompt for r in teacher_records]
     teacher_answers = [r.response for r in teacher_records]
-    student_records, student_speed = _answer(job.student, prompts, job)
+    student, student_tokenizer = _load(job.student)
+    teacher = _load(job.teacher) if job.teacher is not None else None
+    student_records, student_speed = _answer(student, student_tokenizer, prompts, job)
     student_answers = [r.response for r in student_records]
     references = [r.reference for r in teacher_records]
     has_references = all(ref is not None for ref in references) and bool(references)
@@ -135,15 +138,11 @@ def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
                 student_scores[metric] = agreement[metric]
     teacher_speed: dict[str, float] = {}
     if "perplexity" in {m.value for m in spec.metrics}:
-        student_scores["perplexity"] = perplexity(
-            AutoModelForCausalLM.from_pretrained(job.student), teacher_records, job.batch_size
-        )
-        if job.teacher is not None:
-            teacher_scores["perplexity"] = perplexity(
-                AutoModelForCausalLM.from_pretrained(job.teacher), teacher_records, job.batch_size
-            )
-    if job.teacher is not None:
-        _, teacher_speed = _answer(job.teacher, prompts, job)
+        student_scores["perplexity"] = perplexity(student, teacher_records, job.batch_size)
+        if teacher is not None:
+            teacher_scores["perplexity"] = perplexity(teacher[0], teacher_records, job.batch_size)
+    if teacher is not None:
+        _, teacher_speed = _answer(*teacher, prompts, job)
 
     checks: dict[str, dict[str, float]] = {}
     if spec.checks is not None and spec.checks.pattern is not None:
