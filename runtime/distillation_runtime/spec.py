@@ -124,6 +124,14 @@ class DepthImportance(StrEnum):
     LOSS = "loss"
 
 
+class BudgetAxes(StrEnum):
+    """What a parameter budget may shrink."""
+
+    WIDTH = "width"
+    DEPTH = "depth"
+    BOTH = "both"
+
+
 class PruneSpec(SpecModel):
     """Minitron-style pruning of the teacher: the pruned model is the student's starting weights."""
 
@@ -143,6 +151,11 @@ class PruneSpec(SpecModel):
                     "has(self.numLayers))",
                     "parameterBudget replaces the explicit sizes: set one or the other",
                     ".parameterBudget",
+                ),
+                cel(
+                    "!has(self.budgetAxes) || has(self.parameterBudget)",
+                    "budgetAxes says how parameterBudget is met: set parameterBudget too",
+                    ".budgetAxes",
                 ),
             ]
         }
@@ -172,8 +185,15 @@ class PruneSpec(SpecModel):
     parameter_budget: int | None = Field(
         default=None,
         ge=1_000_000,
-        description="Target total parameter count; the stage searches width and depth to fit it. "
-        "Use instead of the explicit sizes.",
+        description="Target total parameter count; the stage picks the largest shape at or "
+        "under it (see budgetAxes). Use instead of the explicit sizes.",
+    )
+    budget_axes: BudgetAxes | None = Field(
+        default=None,
+        description="How parameterBudget is met: width (default; hidden and MLP channels, every "
+        "layer kept, which Minitron found retains most), depth (whole layers dropped, widths "
+        "kept) or both (layers shrink by the square root of the budget ratio, widths fill the "
+        "rest). Only with parameterBudget.",
     )
     depth_importance: DepthImportance = Field(
         default=DepthImportance.COSINE,
@@ -202,6 +222,11 @@ class PruneSpec(SpecModel):
             )
         if self.parameter_budget is not None and any(v is not None for v in explicit):
             raise ValueError("parameterBudget replaces the explicit sizes: set one or the other")
+        if self.budget_axes is not None and self.parameter_budget is None:
+            raise ValueError(
+                f"budgetAxes is {self.budget_axes.value} but parameterBudget is not set: "
+                "budgetAxes says how parameterBudget is met; set parameterBudget too"
+            )
         return self
 
 
@@ -680,7 +705,7 @@ class QuantizeSpec(SpecModel):
 
     scheme: QuantScheme = Field(
         description="FP8_DYNAMIC (no calibration; GPUs with compute capability 8.9+), W4A16 "
-        "(GPTQ int4 weights; 8.0+) or W8A8 (SmoothQuant + GPTQ int8)."
+        "(GPTQ int4 weights; 8.0+) or W8A8 (SmoothQuant + GPTQ int8; 7.5+)."
     )
     calibration_samples: int = Field(
         default=512,
@@ -692,7 +717,8 @@ class QuantizeSpec(SpecModel):
     ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["lm_head"],
         max_length=64,
-        description="Modules kept in full precision.",
+        description="Modules kept in full precision (names or re:regular expressions, as "
+        "llm-compressor takes them). lm_head is always kept in full precision.",
     )
 
 

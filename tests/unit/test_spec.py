@@ -102,6 +102,16 @@ def test_local_paths_are_fine_for_distill_run() -> None:
         ),
         ({"student": {}}, "spec.student", "got neither"),
         ({"student": {"prune": {}}}, "spec.student.prune", "at least one target"),
+        (
+            {"student": {"prune": {"numLayers": 4, "budgetAxes": "depth"}}},
+            "spec.student.prune",
+            "budgetAxes is depth but parameterBudget is not set",
+        ),
+        (
+            {"student": {"prune": {"parameterBudget": 10**9, "budgetAxes": "heads"}}},
+            "spec.student.prune.budgetAxes",
+            "'width', 'depth' or 'both'",
+        ),
         ({"train": {"losses": {"response": "0"}}}, "spec.train.losses", "enable at least one loss"),
         ({"train": {"losses": {"logits": {}}}}, "spec", "generate.topLogprobs is 0"),
         (

@@ -1,0 +1,211 @@
+"""The prune stage: the teacher, cut to the student's size (Minitron style).
+
+Config in (``PruneJob``), one pass, artifacts out:
+
+1. load the teacher and check its architecture (Llama, Mistral, Qwen2, Qwen3);
+2. the target shape: explicit sizes, or the largest shape under a parameter budget, checked
+   against the teacher before any forward pass (a bad request fails in seconds, not after
+   an hour of calibration);
+3. importance scores: reused from ``importance`` when given (same teacher, same calibration
+   set), else forward passes over the calibration prompts (``prune.collect_importance``);
+4. cut the weights and load them into a fresh model of the pruned shape;
+5. out: ``model/`` (a Hugging Face checkpoint with the teacher's tokenizer), the scores in
+   ``importance.safetensors`` (a later run with another target reuses them) and ``prune.json``
+   (shapes, parameter counts, kept layers).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from distillation_runtime.prune import (
+    BudgetAxes,
+    Importance,
+    PruneError,
+    Shape,
+    check_architecture,
+    explicit_target,
+    fit_budget,
+    shape_of,
+)
+from distillation_runtime.spec import DType, PruneSpec
+
+MODEL_DIR = "model"
+IMPORTANCE_FILE = "importance.safetensors"
+REPORT_FILE = "prune.json"
+
+
+class PruneJob(BaseModel):
+    """One prune: what ``distill run`` and the RayJob both execute.
+
+    The targets mirror ``student.prune`` without its lower bound on the budget, so tiny models
+    (tests, benchmarks) can be pruned to a budget too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teacher: str = Field(description="Folder of the teacher checkpoint.")
+    prompts: list[str] = Field(description="Calibration prompts (the dataset's train split).")
+    output: str = Field(description="Folder for the pruned model, its scores and report.")
+    hidden_size: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=1)
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    num_layers: int | None = Field(default=None, ge=1)
+    parameter_budget: int | None = Field(default=None, ge=1)
+    budget_axes: BudgetAxes = "width"
+    depth_importance: str = Field(default="cosine", pattern="^(cosine|loss)$")
+    importance: str | None = Field(
+        default=None,
+        description="importance.safetensors of an earlier prune of the same teacher on the same "
+        "calibration prompts: no forward passes are run.",
+    )
+    dtype: DType = DType.AUTO
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=256, ge=2)
+
+    @classmethod
+    def from_spec(cls, spec: PruneSpec, **job: Any) -> PruneJob:
+        """The job for ``student.prune`` (the rest — folders, prompts — from the caller)."""
+        return cls(
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_attention_heads=spec.num_attention_heads,
+            num_layers=spec.num_layers,
+            parameter_budget=spec.parameter_budget,
+            budget_axes=spec.budget_axes.value if spec.budget_axes else "width",
+            depth_importance=spec.depth_importance.value,
+            **job,
+        )
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What the stage reports (also written to ``prune.json``)."""
+
+    architecture: str
+    teacher: dict[str, int]
+    student: dict[str, int]
+    teacher_parameters: int
+    student_parameters: int
+    kept_layers: list[int]
+    importance_reused: bool
+    calibration_samples: int
+    seconds: float
+
+
+def target_shape(job: PruneJob, teacher: Shape, parameters: dict[str, tuple[int, ...]]) -> Shape:
+    """The student's shape: the budget's fit, or the teacher with the explicit sizes."""
+    if job.parameter_budget is not None:
+        return fit_budget(parameters, teacher, job.parameter_budget, job.budget_axes)
+    return explicit_target(
+        teacher,
+        hidden_size=job.hidden_size,
+        intermediate_size=job.intermediate_size,
+        num_attention_heads=job.num_attention_heads,
+        num_layers=job.num_layers,
+    )
+
+
+def _load_teacher(job: PruneJob) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_architecture(AutoConfig.from_pretrained(job.teacher))
+    dtype = "auto" if job.dtype is DType.AUTO else getattr(torch, job.dtype.value)
+    model: Any = AutoModelForCausalLM.from_pretrained(job.teacher, dtype=dtype)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    tokenizer = AutoTokenizer.from_pretrained(job.teacher)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _progress(total: int) -> Any:
+    """A one-line counter on a terminal; nothing when output is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    done = [0]
+
+    def advance(count: int) -> None:
+        done[0] += count
+        print(f"\rprune: importance {done[0]}/{total} prompts", end="", file=sys.stderr)
+        if done[0] >= total:
+            print(file=sys.stderr)
+
+    return advance
+
+
+def scores(job: PruneJob, model: Any, tokenizer: Any) -> tuple[Importance, bool]:
+    """The importance scores: the saved ones when given (checked against the teacher), else
+    measured now."""
+    from distillation_runtime.prune import collect_importance, load_importance
+
+    if job.importance is not None:
+        saved = load_importance(job.importance)
+        teacher = shape_of(model.config)
+        expected = (teacher.layers, teacher.intermediate)
+        if tuple(saved.neurons.shape) != expected or saved.hidden.shape[0] != teacher.hidden:
+            raise PruneError(
+                f"importance scores {job.importance} belong to another model (neurons "
+                f"{tuple(saved.neurons.shape)}, teacher has {expected}); remove them to re-score"
+            )
+        return saved, True
+    measured = collect_importance(
+        model,
+        tokenizer,
+        job.prompts,
+        depth_method=job.depth_importance,
+        batch_size=job.batch_size,
+        max_length=job.max_length,
+        progress=_progress(len(job.prompts)),
+    )
+    return measured, False
+
+
+def run(job: PruneJob) -> PruneResult:
+    """Prune the teacher to the job's target and write the artifact folder."""
+    from distillation_runtime.prune import (
+        build_pruned,
+        choose,
+        count_parameters,
+        parameter_shapes,
+        save_importance,
+    )
+
+    started = time.perf_counter()
+    output = Path(job.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_teacher(job)
+    architecture = check_architecture(model.config)
+    teacher = shape_of(model.config)
+    parameters = parameter_shapes(model)
+    target = target_shape(job, teacher, parameters)
+
+    importance, reused = scores(job, model, tokenizer)
+    keep = choose(importance, teacher, target)
+    pruned = build_pruned(model, keep, target)
+    pruned.save_pretrained(output / MODEL_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(output / MODEL_DIR)
+    save_importance(importance, str(output / IMPORTANCE_FILE))
+
+    result = PruneResult(
+        architecture=architecture,
+        teacher=asdict(teacher),
+        student=asdict(target),
+        teacher_parameters=count_parameters(parameters, teacher),
+        student_parameters=count_parameters(parameters, target),
+        kept_layers=keep.layers,
+        importance_reused=reused,
+        calibration_samples=importance.samples,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    (output / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
