@@ -7,6 +7,8 @@
 #                one binary (hack/testcluster); rebuilt only when its go.mod,
 #                go.sum or *.go files (or the Go version / link flags) change
 #   helm         helm.sh/helm/v4/cmd/helm@$HELM_VERSION; built once per version
+#   kuberay-operator  github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION (the
+#                real KubeRay controller the cluster tests run); built once per version
 #
 # Environment:
 #   DISTILL_TOOLS_DIR  tools folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/distillation-operator/tools)
@@ -16,6 +18,7 @@
 set -euo pipefail
 
 HELM_VERSION=v4.3.1
+KUBERAY_VERSION=v1.5.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/testcluster"
@@ -104,10 +107,30 @@ else
 	log "built helm in $(elapsed "$t0")"
 fi
 
+# --- kuberay-operator -----------------------------------------------------------
+kuberay_dir="$tools/kuberay-$KUBERAY_VERSION"
+if [[ -x "$kuberay_dir/ray-operator" ]]; then
+	log "kuberay-operator $KUBERAY_VERSION present"
+else
+	log "building kuberay-operator $KUBERAY_VERSION..."
+	t0=$(date +%s)
+	tmpdir="$tools/.kuberay-$KUBERAY_VERSION.tmp.$$"
+	rm -rf "$tmpdir"
+	trap 'rm -rf "$tmpdir"' EXIT
+	mkdir -p "$tmpdir"
+	GOBIN="$tmpdir" go install -trimpath -ldflags "-s -w" \
+		"github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION"
+	rm -rf "$kuberay_dir"
+	mv "$tmpdir" "$kuberay_dir"
+	trap - EXIT
+	log "built kuberay-operator in $(elapsed "$t0")"
+fi
+
 # --- bin/ ------------------------------------------------------------------------
 # kubectl is the testcluster binary invoked under the name "kubectl".
 ln -sfn ../testcluster "$bin/testcluster"
 ln -sfn ../testcluster "$bin/kubectl"
 ln -sfn "../helm-$HELM_VERSION/helm" "$bin/helm"
+ln -sfn "../kuberay-$KUBERAY_VERSION/ray-operator" "$bin/kuberay-operator"
 
 echo "$bin"

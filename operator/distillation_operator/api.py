@@ -152,7 +152,18 @@ class Placement(SpecModel):
                     "clusterSelector runs the stages on an existing RayCluster: head, workers "
                     "and stages cannot be set with it",
                     ".clusterSelector",
-                )
+                ),
+                cel(
+                    "!has(self.clusterSelector) || 'ray.io/cluster' in self.clusterSelector",
+                    "clusterSelector must name the RayCluster with the label ray.io/cluster",
+                    ".clusterSelector",
+                ),
+                cel(
+                    "!has(self.clusterSelector) || !has(self.queueName)",
+                    "queueName cannot be used with clusterSelector: Kueue admits RayJobs that "
+                    "create their own cluster",
+                    ".queueName",
+                ),
             ]
         }
     )
@@ -214,6 +225,16 @@ class Placement(SpecModel):
             raise ValueError(
                 "clusterSelector runs the stages on an existing RayCluster: head, workers and "
                 "stages cannot be set with it"
+            )
+        if self.cluster_selector is not None and "ray.io/cluster" not in self.cluster_selector:
+            raise ValueError(
+                f"clusterSelector is {self.cluster_selector}: it must name the RayCluster with "
+                "the label ray.io/cluster"
+            )
+        if self.cluster_selector is not None and self.queue_name is not None:
+            raise ValueError(
+                "queueName cannot be used with clusterSelector: Kueue admits RayJobs that "
+                "create their own cluster"
             )
         return self
 
@@ -331,6 +352,12 @@ class PolicySpec(SpecModel):
         default=None,
         ge=60,
         description="Fail a stage whose RayJob runs longer than this (activeDeadlineSeconds).",
+    )
+    deadline_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        description="Fail the whole Distillation when its stages have not all finished this "
+        "long after the first one started; the running RayJob is stopped.",
     )
     ttl_seconds_after_finished: int = Field(
         default=600,
@@ -456,17 +483,23 @@ class StageState(StrEnum):
     """Where a stage is."""
 
     PENDING = "Pending"
+    QUEUED = "Queued"
     RUNNING = "Running"
+    RETRYING = "Retrying"
+    SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
-    SKIPPED = "Skipped"
 
 
 class StageStatus(StatusModel):
     """Observed state of one stage."""
 
     name: str = Field(max_length=63, description="Stage name, e.g. generate.")
-    state: StageState = Field(description="Pending, Running, Succeeded, Failed or Skipped.")
+    state: StageState = Field(
+        description="Pending (waits for its inputs), Queued (held by Kueue), Running, Retrying "
+        "(an attempt failed; the next starts after the backoff), Suspended (spec.policy.suspend), "
+        "Succeeded or Failed (out of retries)."
+    )
     fingerprint: str | None = Field(
         default=None, max_length=128, description="Hash of the stage's inputs and config."
     )
@@ -521,7 +554,16 @@ class DistillationStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     current_stage: str | None = Field(
-        default=None, max_length=63, description="The stage running now."
+        default=None,
+        max_length=63,
+        description="The stages running now (comma-separated: independent stages run together).",
+    )
+    start_time: datetime | None = Field(
+        default=None,
+        description="When the first stage started (policy.deadlineSeconds counts from it).",
+    )
+    completion_time: datetime | None = Field(
+        default=None, description="When the last stage finished."
     )
     progress: str | None = Field(
         default=None, max_length=32, description="Stages done out of all, e.g. 3/6."

@@ -1,21 +1,32 @@
 """kopf wiring: the only module with kopf decorators. Keep it thin.
 
 Run with ``kopf run --standalone -m distillation_operator.handlers --all-namespaces`` (the Helm
-chart does). This module configures kopf so that it keeps its own bookkeeping out of ``status``
-(``status`` is the Distillation's API); the reconcile handlers arrive with the operator issue.
+chart does). Every handler ends in the same level-based reconcile (``controller.py``):
+Distillations created, edited or found at start-up, and status changes of the RayJobs and
+InferenceServices they own (watched by label). kopf's progress and diff-base live in annotations;
+``status`` is the Distillation's API and only the reconcile writes it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
+from distillation_operator.api import PLURAL, VERSION
+from distillation_operator.builders.common import MANAGED_BY
+from distillation_operator.controller import Controller, controller_owner
+from distillation_operator.k8s import load_config
 from distillation_runtime.spec import API_GROUP
 
 ANNOTATION_PREFIX = API_GROUP
+METRICS_PORT_ENV = "DISTILLATION_METRICS_PORT"
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+log = logging.getLogger(__name__)
+_controller: Controller | None = None
 
 
 def scanning_enabled(environ: Mapping[str, str]) -> bool:
@@ -24,9 +35,17 @@ def scanning_enabled(environ: Mapping[str, str]) -> bool:
     return environ.get("DISTILLATION_KOPF_SCANNING", "true").lower() not in {"false", "0", "no"}
 
 
+def controller() -> Controller:
+    if _controller is None:
+        raise RuntimeError("the operator has not started (kopf startup handler not run)")
+    return _controller
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Progress and diff-base in annotations, never in status; scanning as RBAC allows."""
+    """Progress and diff-base in annotations, never in status; scanning as RBAC allows;
+    the API client and the metrics endpoint."""
+    global _controller
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
@@ -35,3 +54,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.scanning.disabled = not scanning_enabled(os.environ)
+    settings.posting.level = logging.WARNING  # our own Events say what happened; not kopf's
+    settings.watching.server_timeout = 300
+    load_config()
+    _controller = Controller.from_env()
+    port = os.environ.get(METRICS_PORT_ENV)
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(int(port))
+        log.info("metrics on :%s/metrics", port)
+
+
+@kopf.on.create(API_GROUP, VERSION, PLURAL)
+@kopf.on.update(API_GROUP, VERSION, PLURAL, field="spec")
+@kopf.on.resume(API_GROUP, VERSION, PLURAL)
+async def distillation_changed(namespace: str | None, name: str, **_: Any) -> None:
+    """Created, spec edited, or found at start-up: reconcile."""
+    await controller().reconcile(namespace or "", name)
+
+
+@kopf.on.delete(API_GROUP, VERSION, PLURAL, optional=True)
+def distillation_deleted(namespace: str | None, name: str, **_: Any) -> None:
+    """Children go with ownerReferences; the operator only forgets its timers."""
+    controller().forget(namespace or "", name)
+
+
+@kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)
+@kopf.on.event("serving.kserve.io", "v1beta1", "inferenceservices", labels=MANAGED)
+async def child_changed(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+    """A RayJob or InferenceService of a Distillation changed: reconcile its owner."""
+    owner = controller_owner(body)
+    if owner is not None and namespace:
+        await controller().reconcile(namespace, owner)

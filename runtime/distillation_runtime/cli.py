@@ -9,6 +9,7 @@ stage commands (``run``, ``stage``) build on them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,19 @@ def _load(path: Path) -> PipelineSpec | None:
         return load_pipeline_spec(path.read_text())
     except SpecError as err:
         print(f"{path}: {err}", file=sys.stderr)
+        return None
+
+
+def _load_env(variable: str) -> PipelineSpec | None:
+    """The spec in the environment variable ``variable`` (how a RayJob passes it)."""
+    text = os.environ.get(variable)
+    if not text:
+        print(f"distill: environment variable {variable} is empty or not set", file=sys.stderr)
+        return None
+    try:
+        return load_pipeline_spec(text)
+    except SpecError as err:
+        print(f"${variable}: {err}", file=sys.stderr)
         return None
 
 
@@ -74,12 +88,12 @@ def run_all(path: Path) -> int:
     return 0
 
 
-def run_one(name: str, path: Path) -> int:
+def run_one(name: str, path: Path | None, variable: str | None = None) -> int:
     """Run one stage (what the operator's RayJob runs); its inputs must be complete."""
     from distillation_runtime.pipeline import Runner
     from distillation_runtime.storage import artifact_complete
 
-    spec = _load(path)
+    spec = _load(path) if path is not None else _load_env(variable or "")
     if spec is None:
         return 2
     runner = Runner(spec)
@@ -117,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", type=Path, help="pipeline spec or Distillation manifest (YAML)")
     stage = commands.add_parser("stage", help="run one stage (what a RayJob runs)")
     stage.add_argument("name", help="stage name, as `distill plan` prints it")
-    stage.add_argument("--config", type=Path, required=True, help="the pipeline spec (YAML)")
+    source = stage.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the pipeline spec (YAML file)")
+    source.add_argument(
+        "--config-env",
+        metavar="VARIABLE",
+        help="read the spec (YAML) from this environment variable (what the operator's RayJobs do)",
+    )
     return parser
 
 
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return run_all(args.spec)
     if args.command == "stage":
-        return run_one(args.name, args.config)
+        return run_one(args.name, args.config, args.config_env)
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
 
 

@@ -17,7 +17,15 @@ RUNTIME_MODULES_THE_OPERATOR_MAY_USE = {
     "distillation_runtime.fields",
     "distillation_runtime.plan",
     "distillation_runtime.yamlio",
+    "distillation_runtime.storage",  # URIs and manifests; fsspec/s3fs load only when reading
 }
+API_MODULES = {
+    # The operator's modules that talk to the API server: kopf and kubernetes, never ML.
+    "distillation_operator.handlers",
+    "distillation_operator.controller",
+    "distillation_operator.k8s",
+}
+ML_STACK = tuple(m for m in HEAVY if m not in {"kopf", "kubernetes"})
 
 
 def modules(package_dir: Path) -> list[str]:
@@ -37,23 +45,29 @@ LIGHT = [
         for m in sorted(RUNTIME_MODULES_THE_OPERATOR_MAY_USE | {"distillation_runtime.cli"})
         if m in modules(REPO / "runtime" / "distillation_runtime")
     ),
-    *(
-        m
-        for m in modules(REPO / "operator" / "distillation_operator")
-        if m != "distillation_operator.handlers"
-    ),
+    *(m for m in modules(REPO / "operator" / "distillation_operator") if m not in API_MODULES),
 ]
+
+
+def loaded_after_import(module: str, candidates: tuple[str, ...]) -> str:
+    listed = f"sorted(m for m in {candidates!r} if m in sys.modules)"
+    code = f"import sys, {module}; print(','.join({listed}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    return out.stdout.strip()
 
 
 @pytest.mark.parametrize("module", LIGHT)
 def test_importing_is_cheap(module: str) -> None:
-    code = (
-        f"import sys, {module}; print(','.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    assert out.stdout.strip() == "", f"importing {module} pulled in {out.stdout.strip()}"
+    loaded = loaded_after_import(module, HEAVY)
+    assert loaded == "", f"importing {module} pulled in {loaded}"
+
+
+@pytest.mark.parametrize("module", sorted(API_MODULES))
+def test_operator_process_loads_no_ml_library(module: str) -> None:
+    loaded = loaded_after_import(module, ML_STACK)
+    assert loaded == "", f"importing {module} pulled in {loaded}"
 
 
 def test_operator_uses_only_the_light_runtime_modules() -> None:

@@ -1,0 +1,111 @@
+"""The KServe ``InferenceService`` (``serving.kserve.io/v1beta1``) serving the student with vLLM.
+
+A custom predictor container runs vLLM's OpenAI-compatible server. KServe's storage initializer
+downloads the model named by the container's ``STORAGE_URI`` (s3://, gs://, pvc://, hf://) to
+``/mnt/models`` before the server starts. A quantised student (compressed-tensors) needs no flag:
+vLLM reads the scheme from its config. When the quantize stage recorded the minimum GPU compute
+capability the scheme needs, the pods are kept to nodes that report it (NVIDIA GPU feature
+discovery labels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distillation_operator.api import DistillationSpec, ServeSpec
+from distillation_operator.builders.common import Images, child_metadata, fit_name
+
+MODEL_DIR = "/mnt/models"
+SERVING_PORT = 8080
+GPU_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
+GPU_MINOR_LABEL = "nvidia.com/gpu.compute.minor"
+
+
+def inference_service_name(distillation: str) -> str:
+    """The InferenceService name (KServe derives 63-character host names from it)."""
+    return fit_name(distillation.replace(".", "-"), 45)
+
+
+def vllm_args(serve: ServeSpec, served_name: str) -> list[str]:
+    """vLLM server arguments: the model folder, the port KServe routes to, the user's extras."""
+    args = ["--model", MODEL_DIR, "--port", str(SERVING_PORT), "--served-model-name", served_name]
+    if serve.max_model_len is not None:
+        args += ["--max-model-len", str(serve.max_model_len)]
+    return args + list(serve.args or [])
+
+
+def compute_capability_affinity(capability: str) -> dict[str, Any]:
+    """Node affinity for GPUs of at least ``capability`` ("8.9"): major > 8, or 8 and minor >= 9.
+
+    ``Gt`` is strict, so "at least N" is written ``Gt N-1``."""
+    major, _, minor = capability.partition(".")
+    terms = [
+        {"matchExpressions": [{"key": GPU_MAJOR_LABEL, "operator": "Gt", "values": [major]}]},
+        {
+            "matchExpressions": [
+                {"key": GPU_MAJOR_LABEL, "operator": "In", "values": [major]},
+                {"key": GPU_MINOR_LABEL, "operator": "Gt", "values": [str(int(minor or 0) - 1)]},
+            ]
+        },
+    ]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
+        }
+    }
+
+
+def build_inference_service(
+    body: dict[str, Any],
+    spec: DistillationSpec,
+    model_uri: str,
+    images: Images,
+    min_compute_capability: str | None = None,
+) -> dict[str, Any]:
+    """The InferenceService serving the model at ``model_uri`` (the final student's folder)."""
+    serve = spec.serve or ServeSpec()
+    name = inference_service_name(body["metadata"]["name"])
+    amounts: dict[str, Any] = {}
+    if serve.cpu:
+        amounts["cpu"] = serve.cpu
+    if serve.memory:
+        amounts["memory"] = serve.memory
+    if serve.gpus:
+        amounts[spec.placement.gpu_resource_name] = serve.gpus
+    env: list[dict[str, Any]] = [{"name": "STORAGE_URI", "value": model_uri}]
+    if spec.secrets is not None and spec.secrets.hugging_face_token is not None:
+        token = spec.secrets.hugging_face_token
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}},
+            }
+        )
+    container = {
+        "name": "kserve-container",
+        "image": serve.image or images.vllm,
+        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "args": vllm_args(serve, body["metadata"]["name"]),
+        "env": env,
+        "ports": [{"containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+    }
+    predictor: dict[str, Any] = {
+        "minReplicas": serve.replicas,
+        "maxReplicas": serve.max_replicas or serve.replicas,
+        "containers": [container],
+    }
+    if serve.node_selector:
+        predictor["nodeSelector"] = dict(serve.node_selector)
+    if serve.tolerations:
+        predictor["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in serve.tolerations
+        ]
+    if min_compute_capability and serve.gpus:
+        predictor["affinity"] = compute_capability_affinity(min_compute_capability)
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": child_metadata(body, name, "serve"),
+        "spec": {"predictor": predictor},
+    }

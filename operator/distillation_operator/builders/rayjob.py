@@ -1,0 +1,236 @@
+"""One KubeRay ``RayJob`` (``ray.io/v1``) per stage attempt. Pure: data in, a dict out.
+
+The RayJob runs ``distill stage NAME --config-env DISTILL_SPEC`` on a Ray cluster created for it
+(or on an existing one, ``placement.clusterSelector``). The pipeline spec travels in the job's
+runtime environment (``spec.runtimeEnvYAML``), so the exact config a stage ran with is readable
+from the RayJob itself and is byte-for-byte what ``distill run`` would read from a file.
+Secrets reach the pods only as ``secretKeyRef`` environment variables.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from distillation_operator.api import DistillationSpec, Resources, StagePlacement
+from distillation_operator.builders.common import (
+    ANNOTATION_ARTIFACT,
+    ANNOTATION_FINGERPRINT,
+    LABEL_ATTEMPT,
+    LABEL_STAGE,
+    Images,
+    child_metadata,
+    fit_name,
+)
+from distillation_runtime.plan import Plan, StageName
+from distillation_runtime.spec import dump_spec
+from distillation_runtime.storage import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, parse_uri
+from distillation_runtime.yamlio import dump_yaml
+
+MAX_RAYJOB_NAME = 47
+"""KubeRay refuses longer RayJob names (its RayCluster and service names derive from them)."""
+SPEC_ENV = "DISTILL_SPEC"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+HEAD_DEFAULTS = Resources(cpu="2", memory="8Gi", gpus=0)
+WORKER_DEFAULTS = StagePlacement(cpu="4", memory="16Gi", gpus=0, replicas=1)
+WORKER_GROUP = "workers"
+
+
+def rayjob_name(distillation: str, stage: StageName, attempt: int) -> str:
+    """``<distillation>-<stage>-<attempt>`` as a DNS-1035 label of at most 47 characters."""
+    base = re.sub(r"[^a-z0-9-]", "-", distillation.lower())
+    if not base[:1].isalpha():
+        base = f"d-{base}"
+    return fit_name(f"{base}-{stage.value}-{attempt}", MAX_RAYJOB_NAME)
+
+
+def entrypoint(stage: StageName) -> str:
+    """The command the Ray driver runs (the same ``distill stage`` a user can run by hand)."""
+    return f"distill stage {stage.value} --config-env {SPEC_ENV}"
+
+
+def runtime_env_yaml(spec: DistillationSpec) -> str:
+    """Ray runtime environment carrying the pipeline spec (every default filled in)."""
+    return dump_yaml({"env_vars": {SPEC_ENV: dump_yaml(dump_spec(spec.pipeline()))}})
+
+
+def placement_section(stage: StageName) -> str:
+    """The ``placement.stages`` field that sizes ``stage`` (evaluate-quantized uses evaluate's)."""
+    return "evaluate" if stage is StageName.EVALUATE_QUANTIZED else stage.value
+
+
+def stage_override(spec: DistillationSpec, stage: StageName) -> StagePlacement | None:
+    """``placement.stages.<stage>``, when set."""
+    stages = spec.placement.stages
+    found = getattr(stages, placement_section(stage)) if stages is not None else None
+    return found if isinstance(found, StagePlacement) else None
+
+
+def stage_workers(spec: DistillationSpec, stage: StageName) -> StagePlacement:
+    """Worker pods of ``stage``: its override, else placement.workers, else the defaults.
+
+    Training defaults to one pod per Ray Train worker (``train.workers``)."""
+    override, workers = stage_override(spec, stage), spec.placement.workers
+    merged: dict[str, Any] = WORKER_DEFAULTS.model_dump(exclude_none=True)
+    for layer in (workers, override):
+        if layer is not None:
+            merged.update(layer.model_dump(exclude_none=True))
+    replicas_given = any(layer is not None and layer.replicas for layer in (workers, override))
+    if stage is StageName.TRAIN and not replicas_given:
+        merged["replicas"] = spec.train.workers
+    return StagePlacement.model_validate(merged)
+
+
+def stage_image(spec: DistillationSpec, stage: StageName, images: Images) -> str:
+    """The image of ``stage``: a per-stage override, the quantize image, or the runtime image."""
+    override = stage_override(spec, stage)
+    if override is not None and override.image:
+        return override.image
+    if stage is StageName.QUANTIZE:
+        return spec.placement.quantize_image or images.quantize
+    return spec.placement.image or images.runtime
+
+
+def container_resources(resources: Resources, gpu_resource: str) -> dict[str, Any]:
+    """requests == limits (Guaranteed QoS for GPU pods); GPUs only when asked for."""
+    amounts: dict[str, Any] = {}
+    if resources.cpu:
+        amounts["cpu"] = resources.cpu
+    if resources.memory:
+        amounts["memory"] = resources.memory
+    if resources.gpus:
+        amounts[gpu_resource] = resources.gpus
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def secret_env(spec: DistillationSpec) -> list[dict[str, Any]]:
+    """Hub token and object-store keys as ``secretKeyRef`` variables (never their values)."""
+    env: list[dict[str, Any]] = []
+    secrets = spec.secrets
+    if secrets is None:
+        return env
+
+    def ref(var: str, name: str, key: str) -> dict[str, Any]:
+        return {"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+    if secrets.hugging_face_token is not None:
+        token = secrets.hugging_face_token
+        env.append(ref("HF_TOKEN", token.name, token.key))
+    if secrets.object_store is not None:
+        store = secrets.object_store
+        env.append(ref("AWS_ACCESS_KEY_ID", store.name, store.access_key_id_key))
+        env.append(ref("AWS_SECRET_ACCESS_KEY", store.name, store.secret_access_key_key))
+    return env
+
+
+def pvc_claims(spec: DistillationSpec) -> list[str]:
+    """PersistentVolumeClaims the spec's ``pvc://`` URIs name (mounted into every Ray pod)."""
+    uris = [spec.teacher.model, spec.student.model, spec.dataset.prompts, spec.output]
+    claims = {parse_uri(u).bucket for u in uris if u is not None and u.startswith("pvc://")}
+    return sorted(claims)
+
+
+def pod_template(
+    spec: DistillationSpec, container: str, image: str, resources: Resources
+) -> dict[str, Any]:
+    """A Ray pod: image, resources, scheduling, secrets as env, PVCs mounted."""
+    placement = spec.placement
+    claims = pvc_claims(spec)
+    env = [{"name": PVC_ROOT_ENV, "value": DEFAULT_PVC_ROOT}]
+    env += [{"name": e.name, "value": e.value} for e in placement.env or []]
+    env += secret_env(spec)
+    main: dict[str, Any] = {
+        "name": container,
+        "image": image,
+        "resources": container_resources(resources, placement.gpu_resource_name),
+        "env": env,
+    }
+    pod: dict[str, Any] = {"containers": [main]}
+    if claims:
+        main["volumeMounts"] = [
+            {"name": f"pvc-{i}", "mountPath": f"{DEFAULT_PVC_ROOT}/{claim}"}
+            for i, claim in enumerate(claims)
+        ]
+        pod["volumes"] = [
+            {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}}
+            for i, claim in enumerate(claims)
+        ]
+    if placement.node_selector:
+        pod["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for t in placement.tolerations
+        ]
+    if placement.priority_class_name:
+        pod["priorityClassName"] = placement.priority_class_name
+    if placement.service_account_name:
+        pod["serviceAccountName"] = placement.service_account_name
+    return {"spec": pod}
+
+
+def ray_cluster_spec(spec: DistillationSpec, stage: StageName, images: Images) -> dict[str, Any]:
+    """A head group and one worker group sized for ``stage``."""
+    image = stage_image(spec, stage, images)
+    head = HEAD_DEFAULTS.model_copy(
+        update=spec.placement.head.model_dump(exclude_none=True) if spec.placement.head else {}
+    )
+    workers = stage_workers(spec, stage)
+    replicas = workers.replicas or 1
+    return {
+        "headGroupSpec": {
+            "rayStartParams": {"num-cpus": "0"},
+            "template": pod_template(spec, "ray-head", image, head),
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": WORKER_GROUP,
+                "replicas": replicas,
+                "minReplicas": replicas,
+                "maxReplicas": replicas,
+                "rayStartParams": {},
+                "template": pod_template(spec, "ray-worker", image, workers),
+            }
+        ],
+    }
+
+
+def build_rayjob(
+    body: dict[str, Any],
+    spec: DistillationSpec,
+    plan: Plan,
+    stage: StageName,
+    attempt: int,
+    images: Images,
+) -> dict[str, Any]:
+    """The RayJob of one attempt at ``stage`` of the Distillation ``body``."""
+    name = rayjob_name(body["metadata"]["name"], stage, attempt)
+    planned = plan[stage]
+    metadata = child_metadata(
+        body, name, stage.value, {LABEL_STAGE: stage.value, LABEL_ATTEMPT: str(attempt)}
+    )
+    metadata["annotations"] = {
+        ANNOTATION_FINGERPRINT: planned.fingerprint,
+        ANNOTATION_ARTIFACT: plan.artifact(stage),
+    }
+    policy, placement = spec.policy, spec.placement
+    job: dict[str, Any] = {
+        "entrypoint": entrypoint(stage),
+        "runtimeEnvYAML": runtime_env_yaml(spec),
+        # Retries are new attempts (new RayJobs) decided by the operator, with its backoff.
+        "backoffLimit": 0,
+        "submissionMode": "K8sJobMode",
+    }
+    if placement.cluster_selector:
+        job["clusterSelector"] = dict(placement.cluster_selector)
+        job["shutdownAfterJobFinishes"] = False  # never tear down a cluster we did not create
+    else:
+        job["rayClusterSpec"] = ray_cluster_spec(spec, stage, images)
+        job["shutdownAfterJobFinishes"] = True
+        job["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    if policy.stage_deadline_seconds is not None:
+        job["activeDeadlineSeconds"] = policy.stage_deadline_seconds
+    if placement.queue_name:
+        # Kueue's webhook suspends the job on creation and admits it by resuming it.
+        metadata["labels"][KUEUE_QUEUE_LABEL] = placement.queue_name
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": job}

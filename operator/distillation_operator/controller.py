@@ -1,0 +1,199 @@
+"""Runs reconcile for one Distillation at a time and carries out its actions.
+
+Every trigger (the Distillation created, edited or resumed after a restart; one of its RayJobs
+or its InferenceService changed; a backoff timer) ends in ``Controller.reconcile(ns, name)``.
+Calls for the same object are serialised and coalesced: while one runs, any number of new
+triggers add exactly one more run, which reads the newest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from distillation_operator import metrics
+from distillation_operator.artifacts import read_artifacts
+from distillation_operator.builders.common import Images
+from distillation_operator.builders.inference_service import inference_service_name
+from distillation_operator.k8s import INFERENCE_SERVICE, RAYJOB, Cluster
+from distillation_operator.reconcile import Actions, Observed, parse_job, reconcile
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+DEFAULT_IMAGES = Images(
+    runtime="ghcr.io/distillation-dev/distillation-runtime:0.1.0",
+    quantize="ghcr.io/distillation-dev/distillation-quantize:0.1.0",
+    vllm="vllm/vllm-openai:v0.33.0",
+)
+
+
+def images_from_env(environ: Mapping[str, str]) -> Images:
+    """The stage images the chart configures (DISTILLATION_*_IMAGE), else the defaults."""
+    return Images(
+        runtime=environ.get("DISTILLATION_RUNTIME_IMAGE") or DEFAULT_IMAGES.runtime,
+        quantize=environ.get("DISTILLATION_QUANTIZE_IMAGE") or DEFAULT_IMAGES.quantize,
+        vllm=environ.get("DISTILLATION_VLLM_IMAGE") or DEFAULT_IMAGES.vllm,
+    )
+
+
+def controller_owner(obj: Mapping[str, Any]) -> str | None:
+    """Name of the Distillation that controls a child, if any."""
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Distillation" and ref.get("controller"):
+            return str(ref["name"])
+    return None
+
+
+def artifacts_to_read(body: Mapping[str, Any], rayjobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Artifacts whose manifests reconcile may need: every stage without recorded metrics."""
+    recorded = {
+        s.get("artifact")
+        for s in (body.get("status") or {}).get("stages") or []
+        if s.get("state") == "Succeeded" and s.get("metrics")
+    }
+    uris = []
+    for job in rayjobs:
+        uri = (job.get("metadata", {}).get("annotations") or {}).get("distillation.dev/artifact")
+        if uri and uri not in recorded:
+            uris.append(uri)
+    return uris + _planned_artifacts(body, recorded)
+
+
+def _planned_artifacts(body: Mapping[str, Any], recorded: set[Any]) -> list[str]:
+    from distillation_operator.api import DistillationSpec
+    from distillation_runtime.plan import make_plan
+
+    try:
+        plan = make_plan(DistillationSpec.model_validate(body.get("spec") or {}).pipeline())
+    except ValueError:
+        return []
+    return [plan.artifact(s.name) for s in plan.stages if plan.artifact(s.name) not in recorded]
+
+
+@dataclass
+class Controller:
+    """State shared by the handlers of one operator process."""
+
+    cluster: Cluster
+    images: Images
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    queued: set[Key] = field(default_factory=set)
+    timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
+    phases: dict[Key, str] = field(default_factory=dict)
+    job_states: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Controller:
+        return cls(Cluster(), images_from_env(os.environ))
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        lock = self.locks.setdefault(key, asyncio.Lock())
+        if key in self.queued:
+            return  # a run that will read the newest state is already waiting
+        self.queued.add(key)
+        async with lock:
+            self.queued.discard(key)
+            try:
+                delay = await asyncio.to_thread(self.reconcile_now, namespace, name)
+            except Exception:
+                metrics.RECONCILES.labels("error").inc()
+                log.exception("reconcile of %s/%s failed; retrying in 10 s", namespace, name)
+                delay = 10.0
+        self._schedule(key, delay)
+
+    def _schedule(self, key: Key, delay: float | None) -> None:
+        old = self.timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        if delay is None:
+            return
+        loop = asyncio.get_running_loop()
+        self.timers[key] = loop.call_later(
+            delay, lambda: asyncio.ensure_future(self.reconcile(*key))
+        )
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The Distillation is gone: drop its timers and gauges (children go by GC)."""
+        key = (namespace, name)
+        self._schedule(key, None)
+        self.phases.pop(key, None)
+        self.locks.pop(key, None)
+        self._update_gauges()
+
+    def reconcile_now(self, namespace: str, name: str) -> float | None:
+        """One reconcile: read, decide, write. Returns when to look again (seconds) or None."""
+        body = self.cluster.get_distillation(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        rayjobs = self.cluster.owned(RAYJOB, namespace, body)
+        services = self.cluster.owned(INFERENCE_SERVICE, namespace, body)
+        service_name = inference_service_name(name)
+        service = next((s for s in services if s["metadata"]["name"] == service_name), None)
+        artifacts = read_artifacts(artifacts_to_read(body, rayjobs))
+        observed = Observed(body, rayjobs, service, artifacts, datetime.now(UTC))
+        actions = reconcile(observed, self.images)
+        self.apply(body, actions)
+        metrics.RECONCILES.labels("ok").inc()
+        self._record(namespace, name, actions, rayjobs)
+        return actions.requeue_after
+
+    def apply(self, body: Mapping[str, Any], actions: Actions) -> None:
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        for job in actions.delete_rayjobs:
+            self.cluster.delete("RayJob", namespace, job)
+        for service in actions.delete_inference_services:
+            self.cluster.delete("InferenceService", namespace, service)
+        for job, suspend in actions.suspend_rayjobs.items():
+            self.cluster.suspend_rayjob(namespace, job, suspend)
+        for child in actions.create:
+            self.cluster.create(child)
+        for child in actions.apply:
+            self.cluster.update_spec(child)
+        old = body.get("status") or {}
+        if actions.status != old:
+            self.cluster.patch_status(namespace, name, old, actions.status)
+        for event in actions.events:
+            self.cluster.emit(body, event)
+
+    def _record(
+        self, namespace: str, name: str, actions: Actions, rayjobs: Sequence[Mapping[str, Any]]
+    ) -> None:
+        self.phases[(namespace, name)] = str(actions.status.get("phase", "Pending"))
+        for obj in rayjobs:
+            job = parse_job(obj)
+            if job is None:
+                continue
+            key = f"{namespace}/{job.name}"
+            state = job.deployment or "New"
+            if (
+                job.finished
+                and self.job_states.get(key) not in (None, state)
+                and job.start
+                and job.end
+            ):
+                seconds = (job.end - job.start).total_seconds()
+                metrics.STAGE_SECONDS.labels(job.stage, state).observe(seconds)
+            self.job_states[key] = state
+        for name_ in actions.delete_rayjobs:
+            self.job_states.pop(f"{namespace}/{name_}", None)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        for gauge, values in (
+            (metrics.DISTILLATIONS, self.phases.values()),
+            (metrics.RAYJOBS, self.job_states.values()),
+        ):
+            gauge.clear()
+            counts: dict[str, int] = {}
+            for value in values:
+                counts[value] = counts.get(value, 0) + 1
+            for value, count in counts.items():
+                gauge.labels(value).set(count)

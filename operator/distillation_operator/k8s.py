@@ -1,0 +1,172 @@
+"""The only module that talks to the API server (the kubernetes client, synchronous).
+
+Every call here is declared in ``permissions.py``; the chart's RBAC is tested against that list.
+Writes are idempotent: create is create-or-get, delete ignores what is already gone, so a
+reconcile repeated after a crash or a missed event does no harm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from distillation_operator import metrics
+from distillation_operator.api import PLURAL, VERSION
+from distillation_operator.builders.common import LABEL_NAME, MANAGED_BY, label_value
+from distillation_operator.reconcile import Event
+from distillation_runtime.spec import API_GROUP
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RAYJOB = ("ray.io", "v1", "rayjobs")
+INFERENCE_SERVICE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+KINDS = {"RayJob": RAYJOB, "InferenceService": INFERENCE_SERVICE}
+
+
+def load_config() -> None:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def _missing_ok(call: Callable[[], T]) -> T | None:
+    try:
+        return call()
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def _wrote(kind: str) -> None:
+    """Count an API write (the scale benchmark reports writes per stage transition)."""
+    metrics.API_WRITES.labels(kind).inc()
+
+
+class Cluster:
+    """The API calls the operator makes, on one kubernetes ApiClient."""
+
+    def __init__(self, api_client: Any | None = None) -> None:
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_distillation(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _missing_ok(  # type: ignore[return-value]
+            lambda: self.custom.get_namespaced_custom_object(
+                API_GROUP, VERSION, namespace, PLURAL, name
+            )
+        )
+
+    def owned(
+        self, resource: tuple[str, str, str], namespace: str, owner: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Children of ``owner`` (by label, then by controller reference uid)."""
+        group, version, plural = resource
+        selector = f"{LABEL_NAME}={label_value(owner['metadata']['name'])}"
+        found = _missing_ok(
+            lambda: self.custom.list_namespaced_custom_object(
+                group, version, namespace, plural, label_selector=selector
+            )
+        )
+        uid = owner["metadata"]["uid"]
+        items: list[dict[str, Any]] = found.get("items", []) if isinstance(found, dict) else []
+        return [
+            item
+            for item in items
+            if any(ref.get("uid") == uid for ref in item["metadata"].get("ownerReferences", []))
+        ]
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, obj: Mapping[str, Any]) -> None:
+        """Create a child; one that exists already (a retried reconcile) is left alone."""
+        group, version, plural = KINDS[obj["kind"]]
+        namespace = obj["metadata"]["namespace"]
+        try:
+            self.custom.create_namespaced_custom_object(
+                group, version, namespace, plural, dict(obj)
+            )
+            _wrote(f"create {obj['kind']}")
+        except ApiException as err:
+            if err.status != 409:
+                raise
+
+    def update_spec(self, obj: Mapping[str, Any]) -> None:
+        """Replace a child's spec (merge patch of the whole spec object)."""
+        group, version, plural = KINDS[obj["kind"]]
+        meta = obj["metadata"]
+        self.custom.patch_namespaced_custom_object(
+            group, version, meta["namespace"], plural, meta["name"], {"spec": obj["spec"]}
+        )
+        _wrote(f"patch {obj['kind']}")
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        group, version, plural = KINDS[kind]
+        _missing_ok(
+            lambda: self.custom.delete_namespaced_custom_object(
+                group, version, namespace, plural, name, propagation_policy="Background"
+            )
+        )
+        _wrote(f"delete {kind}")
+
+    def suspend_rayjob(self, namespace: str, name: str, suspend: bool) -> None:
+        group, version, plural = RAYJOB
+        _missing_ok(
+            lambda: self.custom.patch_namespaced_custom_object(
+                group, version, namespace, plural, name, {"spec": {"suspend": suspend}}
+            )
+        )
+        _wrote("patch RayJob")
+
+    def patch_status(
+        self, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
+        """Merge-patch status to ``new``; keys ``new`` dropped are removed (set to null)."""
+        body = {"status": {key: new.get(key) for key in {*old, *new}}}
+        _missing_ok(
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, VERSION, namespace, PLURAL, name, body
+            )
+        )
+        _wrote("patch status")
+
+    def emit(self, owner: Mapping[str, Any], event: Event) -> None:
+        """A core/v1 Event on the Distillation (failures are logged, never fatal)."""
+        meta = owner["metadata"]
+        now = datetime.now(UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(
+                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+            ),
+            involved_object=client.V1ObjectReference(
+                api_version=owner["apiVersion"],
+                kind=owner["kind"],
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta["uid"],
+            ),
+            type=event.type,
+            reason=event.reason,
+            message=event.message[:1024],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component=MANAGED_BY),
+            reporting_component=MANAGED_BY,
+            reporting_instance=MANAGED_BY,
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+            _wrote("create Event")
+        except ApiException as err:
+            log.warning("could not record event %s on %s: %s", event.reason, meta["name"], err)

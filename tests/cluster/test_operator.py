@@ -1,0 +1,440 @@
+"""The operator on the real control plane: one RayJob per stage, exact status, events, children.
+
+Where KubeRay would run the job (no pods run here), the tests play its part by writing the
+RayJob status fields it writes; the real KubeRay operator judges every RayJob we build in
+``test_kuberay.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.cluster import ControlPlane
+from support.operator import (
+    Kube,
+    OperatorProcess,
+    fail,
+    local_path,
+    running,
+    succeed,
+    wait_for,
+)
+
+EVAL_METRICS = {
+    "gatePassed": True,
+    "gateMetric": "tokenF1",
+    "retention": 0.97,
+    "student.tokenF1": 0.61,
+    "teacher.tokenF1": 0.63,
+}
+
+
+def manifest(name: str, **spec_overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "teacher": {"model": "pvc://models/teacher"},
+        "student": {"model": "pvc://models/student"},
+        "dataset": {"prompts": "pvc://data/prompts.jsonl"},
+        "output": f"pvc://artifacts/{name}",
+        "policy": {"retries": 1, "backoffSeconds": 0},
+    }
+    for key, value in spec_overrides.items():
+        spec[key] = value
+    return {
+        "apiVersion": "distillation.dev/v1alpha1",
+        "kind": "Distillation",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+@pytest.fixture
+def kube(api: Any, namespace: str) -> Kube:
+    return Kube(api, namespace)
+
+
+@pytest.fixture
+def pvc_root(tmp_path: Path) -> Path:
+    root = tmp_path / "pvc"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def operator(
+    plane: ControlPlane, namespace: str, tmp_path: Path, pvc_root: Path
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(plane, namespace, tmp_path, pvc_root)
+    process.start()
+    yield process
+    process.stop()
+
+
+def status(kube: Kube, name: str) -> dict[str, Any]:
+    return kube.distillation(name).get("status") or {}
+
+
+def stage(kube: Kube, name: str, stage_name: str) -> dict[str, Any]:
+    return next(s for s in status(kube, name).get("stages", []) if s["name"] == stage_name)
+
+
+def jobs_of(kube: Kube, stage_name: str) -> list[dict[str, Any]]:
+    return [
+        j for j in kube.rayjobs() if j["metadata"]["labels"]["distillation.dev/stage"] == stage_name
+    ]
+
+
+def wait_job(kube: Kube, stage_name: str, attempt: int = 1) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        for job in jobs_of(kube, stage_name):
+            if job["metadata"]["labels"]["distillation.dev/attempt"] == str(attempt):
+                return job
+        return None
+
+    return wait_for(f"the {stage_name} RayJob (attempt {attempt})", find)
+
+
+def wait_state(kube: Kube, name: str, stage_name: str, state: str) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        for record in status(kube, name).get("stages", []):
+            if record["name"] == stage_name and record["state"] == state:
+                return dict(record)
+        return None
+
+    return wait_for(f"stage {stage_name} to be {state}", probe)
+
+
+def wait_condition(
+    kube: Kube, name: str, type_: str, value: str, reason: str | None = None
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        found = kube.condition(name, type_)
+        if found and found["status"] == value and (reason is None or found["reason"] == reason):
+            return found
+        return None
+
+    return wait_for(f"condition {type_}={value} ({reason})", probe)
+
+
+def event_reasons(kube: Kube, name: str) -> list[str]:
+    return [e.reason for e in kube.events(name)]
+
+
+def complete_stage(
+    kube: Kube, pvc_root: Path, stage_name: str, metrics: dict[str, Any] | None = None
+) -> str:
+    job = wait_job(kube, stage_name)
+    running(kube, job["metadata"]["name"])
+    succeed(kube, pvc_root, job["metadata"]["name"], metrics or {"seconds": 1})
+    return str(job["metadata"]["name"])
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_happy_path_every_stage_then_served(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    name = "happy"
+    kube.create_distillation(
+        manifest(
+            name,
+            student={"prune": {"from": "teacher", "hiddenSize": 64}},
+            quantize={"scheme": "W4A16"},
+            serve={"gpus": 1, "replicas": 2},
+        )
+    )
+    # prune and generate have no inputs: both start at once
+    wait_job(kube, "prune")
+    generate = wait_job(kube, "generate")
+    assert jobs_of(kube, "train") == []
+    record = wait_state(kube, name, "generate", "Running")
+    assert record["rayJob"] == generate["metadata"]["name"]
+    assert record["attempts"] == 1
+    ready_before = wait_condition(kube, name, "Ready", "False", "StageRunning")
+    assert status(kube, name)["observedGeneration"] == 1
+    assert status(kube, name)["progress"] == "0/6"
+
+    complete_stage(kube, pvc_root, "prune", {"parameters": 1000})
+    complete_stage(kube, pvc_root, "generate", {"records": 90})
+    complete_stage(kube, pvc_root, "train", {"steps": 12, "finalLoss": 0.5})
+    complete_stage(kube, pvc_root, "evaluate", EVAL_METRICS | {"retention": 0.99})
+    complete_stage(kube, pvc_root, "quantize", {"scheme": "W4A16", "minComputeCapability": "8.0"})
+    complete_stage(kube, pvc_root, "evaluate-quantized", EVAL_METRICS)
+
+    # the gate passed: the InferenceService appears; we play KServe making it ready
+    service = wait_for("the InferenceService", lambda: kube.inference_services())[0]
+    predictor = service["spec"]["predictor"]
+    assert predictor["minReplicas"] == 2
+    container = predictor["containers"][0]
+    assert container["image"] == "registry.test/vllm:test"
+    storage = next(e["value"] for e in container["env"] if e["name"] == "STORAGE_URI")
+    assert storage == stage(kube, name, "quantize")["artifact"] + "/model"
+    assert "affinity" in predictor  # INT4 needs compute capability 8.0+
+    wait_condition(kube, name, "Ready", "False", "Serving")
+    kube.set_inference_service_ready(service["metadata"]["name"], "http://happy.test")
+
+    ready = wait_condition(kube, name, "Ready", "True", "Served")
+    final = status(kube, name)
+    assert final["phase"] == "Succeeded"
+    assert final["progress"] == "6/6"
+    assert final["serving"] == {
+        "inferenceService": "happy",
+        "url": "http://happy.test",
+        "ready": True,
+    }
+    assert final["metrics"]["retention"] == "0.97"
+    assert final["metrics"]["unquantized.retention"] == "0.99"
+    assert final["metrics"]["gatePassed"] == "true"
+    conditions = {c["type"]: c for c in final["conditions"]}
+    for type_ in (
+        "Pruned",
+        "TeacherDataGenerated",
+        "StudentTrained",
+        "Evaluated",
+        "Quantized",
+        "QuantizedEvaluated",
+        "Served",
+    ):
+        assert conditions[type_]["status"] == "True", conditions[type_]
+    assert conditions["Reconciling"]["status"] == "False"
+    assert conditions["Stalled"]["status"] == "False"
+    assert all(c["observedGeneration"] == 1 for c in final["conditions"])
+    assert ready["lastTransitionTime"] >= ready_before["lastTransitionTime"]
+    assert {s["name"]: s["state"] for s in final["stages"]} == dict.fromkeys(
+        ["prune", "generate", "train", "evaluate", "quantize", "evaluate-quantized"], "Succeeded"
+    )
+    assert stage(kube, name, "train")["metrics"] == {"steps": "12", "finalLoss": "0.5"}
+    assert len(kube.rayjobs()) == 6  # exactly one RayJob per stage
+    reasons = event_reasons(kube, name)
+    assert reasons.count("StageStarted") == 6
+    assert reasons.count("StageSucceeded") == 6
+    assert "Served" in reasons
+    text = operator.metrics()
+    assert 'distillation_reconciles_total{outcome="ok"}' in text
+    assert 'distillation_distillations{phase="Succeeded"} 1.0' in text
+
+
+def test_a_failed_attempt_is_retried_after_the_backoff(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    name = "retry"
+    kube.create_distillation(manifest(name, policy={"retries": 2, "backoffSeconds": 3}))
+    first = wait_job(kube, "generate")
+    fail(kube, first["metadata"]["name"], "AppFailed", "CUDA out of memory")
+    failed_at = time.monotonic()
+    record = wait_state(kube, name, "generate", "Retrying")
+    assert "AppFailed: CUDA out of memory" in record["message"]
+    assert "attempt 2 of 3" in record["message"]
+    second = wait_job(kube, "generate", attempt=2)
+    assert (
+        time.monotonic() - failed_at >= 2.0
+    )  # backoffSeconds=3 from KubeRay's endTime (1 s resolution)
+    assert second["metadata"]["name"] == "retry-generate-2"
+    running(kube, second["metadata"]["name"])
+    succeed(kube, pvc_root, second["metadata"]["name"], {"records": 5})
+    record = wait_state(kube, name, "generate", "Succeeded")
+    assert record["attempts"] == 2
+    wait_job(kube, "train")
+    assert "StageRetrying" in event_reasons(kube, name)
+
+
+def test_failing_past_the_retry_limit_fails_with_kuberays_reason(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    name = "doomed"
+    kube.create_distillation(manifest(name, policy={"retries": 0, "backoffSeconds": 0}))
+    job = wait_job(kube, "generate")
+    fail(
+        kube,
+        job["metadata"]["name"],
+        "DeadlineExceeded",
+        "The RayJob has passed the activeDeadlineSeconds",
+    )
+    stalled = wait_condition(kube, name, "Stalled", "True", "StageFailed")
+    assert "DeadlineExceeded: The RayJob has passed the activeDeadlineSeconds" in stalled["message"]
+    ready = kube.condition(name, "Ready")
+    assert ready is not None
+    assert ready["status"] == "False"
+    assert ready["reason"] == "StageFailed"
+    assert status(kube, name)["phase"] == "Failed"
+    assert wait_state(kube, name, "generate", "Failed")["attempts"] == 1
+    time.sleep(1.5)
+    assert len(kube.rayjobs()) == 1  # never retried
+    assert "StageFailed" in event_reasons(kube, name)
+
+
+def test_validation_failed_counts_as_a_failure(kube: Kube, operator: OperatorProcess) -> None:
+    name = "invalid-job"
+    kube.create_distillation(manifest(name, policy={"retries": 0, "backoffSeconds": 0}))
+    job = wait_job(kube, "generate")
+    message = "The RayJob spec is invalid: RAY_REDIS_ADDRESS is set (implies GCS fault tolerance)"
+    kube.set_rayjob_status(
+        job["metadata"]["name"], {"jobDeploymentStatus": "ValidationFailed", "message": message}
+    )
+    stalled = wait_condition(kube, name, "Stalled", "True", "StageFailed")
+    assert "ValidationFailed" in stalled["message"]
+    assert "RAY_REDIS_ADDRESS" in stalled["message"]
+
+
+def test_operator_killed_in_every_stage_runs_nothing_twice(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    name = "restarts"
+    kube.create_distillation(manifest(name))
+    for stage_name in ("generate", "train", "evaluate"):
+        job = wait_job(kube, stage_name)
+        wait_state(kube, name, stage_name, "Running")
+        operator.kill()
+        running(kube, job["metadata"]["name"])
+        operator.start()
+        time.sleep(1.0)
+        assert len(jobs_of(kube, stage_name)) == 1
+        operator.kill()  # killed again, this time while KubeRay finishes the job
+        succeed(
+            kube,
+            pvc_root,
+            job["metadata"]["name"],
+            EVAL_METRICS if stage_name == "evaluate" else {"x": 1},
+        )
+        operator.start()
+        wait_state(kube, name, stage_name, "Succeeded")
+    wait_condition(kube, name, "Ready", "True", "Succeeded")
+    assert sorted(j["metadata"]["name"] for j in kube.rayjobs()) == [
+        "restarts-evaluate-1",
+        "restarts-generate-1",
+        "restarts-train-1",
+    ]
+    started = [e for e in kube.events(name) if e.reason == "StageStarted"]
+    assert len(started) == 3, [e.message for e in started]
+
+
+def test_a_spec_edit_reruns_only_the_changed_stages(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    name = "edited"
+    kube.create_distillation(manifest(name))
+    complete_stage(kube, pvc_root, "generate", {"records": 10})
+    train = wait_job(kube, "train")
+    running(kube, train["metadata"]["name"])
+    generate_before = stage(kube, name, "generate")
+    spec = copy.deepcopy(kube.distillation(name)["spec"])
+    spec["train"]["learningRate"] = "3e-4"
+    kube.patch_spec(name, {"train": spec["train"]})
+
+    def replaced() -> list[dict[str, Any]] | None:
+        jobs = jobs_of(kube, "train")
+        names = [j["metadata"]["name"] for j in jobs]
+        return jobs if train["metadata"]["name"] not in names and len(jobs) == 1 else None
+
+    new_train = wait_for("the running train RayJob replaced", replaced)[0]
+    assert (
+        new_train["metadata"]["annotations"]["distillation.dev/fingerprint"]
+        != train["metadata"]["annotations"]["distillation.dev/fingerprint"]
+    )
+    assert len(jobs_of(kube, "generate")) == 1
+    after = wait_for(
+        "status of generation 2", lambda: status(kube, name).get("observedGeneration") == 2
+    )
+    assert after
+    assert stage(kube, name, "generate")["completionTime"] == generate_before["completionTime"]
+    assert stage(kube, name, "generate")["state"] == "Succeeded"
+    assert "StageReplaced" in event_reasons(kube, name)
+
+
+def test_suspend_holds_the_running_stage_and_resume_continues_it(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    name = "paused"
+    kube.create_distillation(manifest(name))
+    job = wait_job(kube, "generate")
+    running(kube, job["metadata"]["name"])
+    kube.patch_spec(name, {"policy": {"suspend": True}})
+    wait_for(
+        "the RayJob suspended",
+        lambda: kube.rayjob(job["metadata"]["name"])["spec"].get("suspend") is True,
+    )
+    kube.set_rayjob_status(
+        job["metadata"]["name"], {"jobDeploymentStatus": "Suspended", "jobStatus": ""}
+    )
+    wait_condition(kube, name, "Ready", "False", "Suspended")
+    assert status(kube, name)["phase"] == "Suspended"
+    assert wait_state(kube, name, "generate", "Suspended")
+    kube.patch_spec(name, {"policy": {"suspend": False}})
+    wait_for(
+        "the RayJob resumed",
+        lambda: kube.rayjob(job["metadata"]["name"])["spec"].get("suspend") is False,
+    )
+    running(kube, job["metadata"]["name"])
+    wait_state(kube, name, "generate", "Running")
+    assert len(kube.rayjobs()) == 1  # the same RayJob continues: nothing else re-runs
+    succeed(kube, pvc_root, job["metadata"]["name"], {"records": 1})
+    wait_job(kube, "train")
+
+
+def test_a_kueue_queued_rayjob_shows_as_queued(kube: Kube, operator: OperatorProcess) -> None:
+    name = "queued"
+    placement = {"queueName": "ml-team"}
+    kube.create_distillation(manifest(name, placement=placement))
+    job = wait_job(kube, "generate")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-team"
+    assert "suspend" not in job["spec"]  # Kueue owns it
+    # Kueue's webhook suspends it; KubeRay reports Suspended until Kueue admits it
+    kube.custom.patch_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        kube.namespace,
+        "rayjobs",
+        job["metadata"]["name"],
+        {"spec": {"suspend": True}},
+    )
+    kube.set_rayjob_status(job["metadata"]["name"], {"jobDeploymentStatus": "Suspended"})
+    wait_state(kube, name, "generate", "Queued")
+    wait_condition(kube, name, "Ready", "False", "Queued")
+    kube.custom.patch_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        kube.namespace,
+        "rayjobs",
+        job["metadata"]["name"],
+        {"spec": {"suspend": False}},
+    )
+    running(kube, job["metadata"]["name"])
+    wait_state(kube, name, "generate", "Running")
+    assert kube.rayjob(job["metadata"]["name"])["spec"]["suspend"] is False
+
+
+def test_an_impossible_spec_is_stalled_not_retried(kube: Kube, operator: OperatorProcess) -> None:
+    name = "impossible"
+    kube.create_distillation(
+        manifest(
+            name,
+            placement={"clusterSelector": {"ray.io/cluster": "shared"}},
+            quantize={"scheme": "FP8_DYNAMIC"},
+        )
+    )
+    stalled = wait_condition(kube, name, "Stalled", "True", "InvalidSpec")
+    assert "spec.quantize" in stalled["message"]
+    assert "clusterSelector" in stalled["message"]
+    assert status(kube, name)["phase"] == "Failed"
+    time.sleep(1.0)
+    assert kube.rayjobs() == []
+    assert "InvalidSpec" in event_reasons(kube, name)
+
+
+def test_deleting_collects_children_and_keeps_artifacts(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    name = "deleted"
+    kube.create_distillation(manifest(name))
+    complete_stage(kube, pvc_root, "generate", {"records": 3})
+    wait_job(kube, "train")
+    artifact = local_path(pvc_root, stage(kube, name, "generate")["artifact"])
+    kube.delete_distillation(name)
+    wait_for("the RayJobs collected", lambda: kube.rayjobs() == [], timeout=90)
+    assert (artifact / "_COMPLETE").exists()
