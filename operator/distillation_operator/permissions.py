@@ -43,7 +43,6 @@ NAMESPACED: tuple[Permission, ...] = (
     ),
     Permission("ray.io", "rayjobs", OWN, "one RayJob per stage"),
     Permission("serving.kserve.io", "inferenceservices", OWN, "serve the student"),
-    Permission("", "configmaps", OWN, "each stage's config, mounted into its pods"),
     Permission("", "events", ("create", "patch"), "events on Distillations"),
 )
 """Needed in every namespace the operator watches."""

@@ -56,7 +56,7 @@ def require_tools() -> None:
     """Skip (locally) or fail (CI) when the Go-built tools are missing: CI must never pass
     by skipping its cluster tests."""
     try:
-        for name in ("testcluster", "kubectl", "helm"):
+        for name in ("testcluster", "kubectl", "helm", "kuberay-operator"):
             tool(name)
     except ToolMissingError as err:
         if os.environ.get("CI"):

@@ -59,10 +59,6 @@ Used by the ClusterRole (cluster-wide mode) and by each Role (watchNamespaces mo
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-# Each stage's config, mounted into its Ray pods.
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 # Events on Distillations (kopf posts handler outcomes; the operator posts stage transitions).
 - apiGroups: [""]
   resources: ["events"]
