@@ -42,6 +42,19 @@ def images_from_env(environ: Mapping[str, str]) -> Images:
     )
 
 
+def child_signature(child: Mapping[str, Any]) -> tuple[str, ...]:
+    """The parts of a child that reconcile reads (status and suspend), as a comparable tuple."""
+    status, spec = child.get("status") or {}, child.get("spec") or {}
+    return (
+        str(status.get("jobDeploymentStatus", "")),
+        str(status.get("jobStatus", "")),
+        str(status.get("reason", "")),
+        str(bool(spec.get("suspend"))),
+        str(status.get("url", "")),
+        str(status.get("conditions", "")),
+    )
+
+
 def controller_owner(obj: Mapping[str, Any]) -> str | None:
     """Name of the Distillation that controls a child, if any."""
     for ref in obj.get("metadata", {}).get("ownerReferences") or []:
@@ -87,6 +100,15 @@ class Controller:
     timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)
     phases: dict[Key, str] = field(default_factory=dict)
     job_states: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """What the last reconcile knew of each child ("ns/name" -> child_signature)."""
+
+    def news(self, child: Mapping[str, Any]) -> bool:
+        """Whether a child's event can change a decision (its status or suspend moved since the
+        last reconcile saw it); our own creations and status-less updates are not news."""
+        meta = child.get("metadata", {})
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        return self.seen.get(key) != child_signature(child)
 
     @classmethod
     def from_env(cls) -> Controller:
@@ -139,6 +161,9 @@ class Controller:
         artifacts = read_artifacts(artifacts_to_read(body, rayjobs))
         observed = Observed(body, rayjobs, service, artifacts, datetime.now(UTC))
         actions = reconcile(observed, self.images)
+        for child in [*rayjobs, *([service] if service else []), *actions.create, *actions.apply]:
+            meta = child["metadata"]
+            self.seen[f"{meta['namespace']}/{meta['name']}"] = child_signature(child)
         self.apply(body, actions)
         metrics.RECONCILES.labels("ok").inc()
         self._record(namespace, name, actions, rayjobs)

@@ -29,12 +29,16 @@ INFERENCE_SERVICE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 KINDS = {"RayJob": RAYJOB, "InferenceService": INFERENCE_SERVICE}
 
 
-def load_config() -> None:
-    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
+def load_config(connections: int = 32) -> None:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG); a
+    connection pool as large as the reconcile thread pool."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
+    settings = client.Configuration.get_default_copy()
+    settings.connection_pool_maxsize = connections
+    client.Configuration.set_default(settings)
 
 
 def _missing_ok(call: Callable[[], T]) -> T | None:

@@ -328,7 +328,7 @@ def _stage_record(ctx: _Context, name: StageName, done: set[StageName]) -> Stage
             _hold(ctx, latest, record)
         elif latest.held and latest.kueue and not latest.suspend:
             record.state = StageState.RUNNING  # Kueue has just admitted it
-            record.message = f"{latest.name}: {latest.deployment or 'starting'}"
+            record.message = running_message(latest.name, latest.attempt, latest.deployment)
         elif latest.held and latest.kueue:
             record.state = StageState.QUEUED
             record.message = f"{latest.name} waits for Kueue to admit it"
@@ -336,7 +336,7 @@ def _stage_record(ctx: _Context, name: StageName, done: set[StageName]) -> Stage
             if latest.suspend and not latest.kueue:
                 ctx.actions.suspend_rayjobs[latest.name] = False
             record.state = StageState.RUNNING
-            record.message = f"{latest.name}: {latest.deployment or 'submitted'}"
+            record.message = running_message(latest.name, latest.attempt, latest.deployment)
         return record
 
     inputs_done = all(i in done for i in stage.inputs)
@@ -380,8 +380,14 @@ def _stage_record(ctx: _Context, name: StageName, done: set[StageName]) -> Stage
     record.state = StageState.RUNNING
     record.start_time = record.start_time or ctx.now
     record.completion_time = None
-    record.message = f"{record.ray_job} created (attempt {attempt})"
+    record.message = running_message(record.ray_job, attempt, "")
     return record
+
+
+def running_message(job: str, attempt: int, deployment: str) -> str:
+    """The message of a running stage: the same text from creation until KubeRay reports
+    progress, so a RayJob's own creation event changes nothing in status."""
+    return f"{job} (attempt {attempt}): {deployment or 'created'}"
 
 
 def _hold(ctx: _Context, job: Job, record: StageStatus) -> None:

@@ -1,0 +1,217 @@
+"""Operator at scale on the test control plane: many Distillations created at once.
+
+Measures, in one run against one API server:
+- ``vs_raw_create``: time until every Distillation has its first RayJob, divided by the time the
+  raw API server takes to create the same number of RayJobs directly (same client, same
+  concurrency) — the floor any operator pays. Target <= 2.
+- ``handoff_p99_s``: a stage's RayJob marked complete (as KubeRay does) -> the next stage's
+  RayJob exists, 99th percentile. Target < 1 s.
+- ``writes_per_transition``: API writes the operator makes per stage hand-off (its own
+  counter, ``distillation_api_writes_total``).
+- ``operator_peak_mb``: the operator process's peak resident memory (VmHWM). Target <= 250.
+
+Run: ``python bench/operator_scale.py [--quick] [--count N]`` (needs ``make tools``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.cluster import control_plane  # noqa: E402
+from support.operator import Kube, OperatorProcess, succeed  # noqa: E402
+
+CONCURRENCY = 16
+
+
+def distillation(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "distillation.dev/v1alpha1",
+        "kind": "Distillation",
+        "metadata": {"name": name},
+        "spec": {
+            "teacher": {"model": "pvc://models/teacher"},
+            "student": {"model": "pvc://models/student"},
+            "dataset": {"prompts": "pvc://data/prompts.jsonl"},
+            "output": f"pvc://artifacts/{name}",
+        },
+    }
+
+
+def raw_rayjob(name: str) -> dict[str, Any]:
+    container = {"name": "ray-head", "image": "registry.test/runtime:1"}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name},
+        "spec": {
+            "entrypoint": "true",
+            "rayClusterSpec": {
+                "headGroupSpec": {
+                    "rayStartParams": {},
+                    "template": {"spec": {"containers": [container]}},
+                }
+            },
+        },
+    }
+
+
+def create_all(
+    kube: Kube, objects: list[dict[str, Any]], plural: str, group: str, version: str
+) -> None:
+    def one(obj: dict[str, Any]) -> None:
+        kube.custom.create_namespaced_custom_object(group, version, kube.namespace, plural, obj)
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(one, objects))
+
+
+def namespace(api: Any, name: str) -> str:
+    from kubernetes import client
+
+    client.CoreV1Api(api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+    )
+    return name
+
+
+def stage_count(kube: Kube, stage: str) -> int:
+    selector = f"distillation.dev/stage={stage}"
+    found = kube.custom.list_namespaced_custom_object(
+        "ray.io", "v1", kube.namespace, "rayjobs", label_selector=selector
+    )
+    return len(found["items"])
+
+
+def writes(metrics_text: str) -> float:
+    return sum(
+        float(v)
+        for v in re.findall(
+            r"^distillation_api_writes_total\{[^}]*\} ([0-9.e+]+)$", metrics_text, re.M
+        )
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 Distillations, 20 hand-offs")
+    parser.add_argument("--count", type=int, default=None, help="Distillations (default 300)")
+    parser.add_argument("--handoffs", type=int, default=None, help="hand-offs timed (default 60)")
+    args = parser.parse_args()
+    count = args.count or (100 if args.quick else 300)
+    handoffs = min(args.handoffs or (20 if args.quick else 60), count)
+
+    with tempfile.TemporaryDirectory() as tmp, control_plane(Path(tmp) / "plane") as plane:
+        api = plane.api_client()
+        raw = Kube(api, namespace(api, "raw"))
+        t0 = time.perf_counter()
+        create_all(raw, [raw_rayjob(f"raw-{i}") for i in range(count)], "rayjobs", "ray.io", "v1")
+        raw_seconds = time.perf_counter() - t0
+
+        kube = Kube(api, namespace(api, "scale"))
+        pvc = Path(tmp) / "pvc"
+        operator = OperatorProcess(plane, "scale", Path(tmp), pvc)
+        operator.start()
+        try:
+            assert operator.process is not None
+            cpu0 = cpu_seconds(operator.process.pid)
+            t0 = time.perf_counter()
+            create_all(
+                kube,
+                [distillation(f"d-{i}") for i in range(count)],
+                "distillations",
+                "distillation.dev",
+                "v1alpha1",
+            )
+            while stage_count(kube, "generate") < count:
+                time.sleep(0.05)
+            operator_seconds = time.perf_counter() - t0
+            operator_cpu = cpu_seconds(operator.process.pid) - cpu0
+
+            time.sleep(2.0)  # let the status writes of the first wave settle
+            before = writes(operator.metrics())
+            latencies = []
+            for i in range(handoffs):
+                name = f"d-{i}-generate-1"
+                succeed(kube, pvc, name, {"records": 1})
+                start = time.perf_counter()
+                while True:
+                    try:
+                        kube.rayjob(f"d-{i}-train-1")
+                        break
+                    except Exception:
+                        time.sleep(0.005)
+                latencies.append(time.perf_counter() - start)
+            time.sleep(2.0)
+            per_transition = (writes(operator.metrics()) - before) / handoffs
+            assert operator.process is not None
+            memory = peak_mb(operator.process.pid)
+        finally:
+            operator.stop()
+
+    ratio = operator_seconds / raw_seconds
+    p99 = percentile(latencies, 0.99)
+    rows = [
+        ("Distillations", f"{count}"),
+        ("raw API server: create as many RayJobs", f"{raw_seconds:.2f} s"),
+        ("operator: every Distillation has its first RayJob", f"{operator_seconds:.2f} s"),
+        ("ratio (target <= 2)", f"{ratio:.2f}x"),
+        ("operator CPU time in that window", f"{operator_cpu:.2f} s"),
+        (
+            f"hand-off p50 / p99 over {handoffs} (target p99 < 1 s)",
+            f"{percentile(latencies, 0.5):.3f} / {p99:.3f} s",
+        ),
+        ("API writes per stage transition", f"{per_transition:.1f}"),
+        ("operator peak RSS (target <= 250 MB)", f"{memory:.0f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+    print(
+        json.dumps(
+            {
+                "vs_raw_create": round(ratio, 3),
+                "handoff_p99_s": round(p99, 4),
+                "writes_per_transition": round(per_transition, 2),
+                "operator_peak_mb": round(memory, 1),
+                "count": count,
+                "raw_create_s": round(raw_seconds, 3),
+                "operator_first_rayjob_s": round(operator_seconds, 3),
+                "operator_cpu_s": round(operator_cpu, 3),
+                "cpus": os.cpu_count(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The pure core of the operator: RayJob builder and reconcile decisions, tested as data."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import yaml
+
+from distillation_operator.api import DistillationSpec
+from distillation_operator.builders.common import Images
+from distillation_operator.builders.rayjob import (
+    MAX_RAYJOB_NAME,
+    SPEC_ENV,
+    build_rayjob,
+    rayjob_name,
+)
+from distillation_operator.reconcile import Artifact, Observed, reconcile, retry_delay
+from distillation_runtime.cli import main as distill
+from distillation_runtime.plan import StageName, make_plan
+from distillation_runtime.spec import load_pipeline_spec
+
+IMAGES = Images("reg/runtime:1", "reg/quantize:1", "reg/vllm:1")
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def body(name: str = "demo", status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "teacher": {"model": "hf://org/teacher"},
+        "student": {"model": "hf://org/student"},
+        "dataset": {"prompts": "s3://b/prompts.jsonl"},
+        "output": "s3://b/out",
+        "policy": {"retries": 1, "backoffSeconds": 60},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "distillation.dev/v1alpha1",
+        "kind": "Distillation",
+        "metadata": {"name": name, "namespace": "ml", "uid": "u-1", "generation": 1},
+        "spec": base,
+        "status": status or {},
+    }
+
+
+def job_status(rayjob: dict[str, Any], **status: Any) -> dict[str, Any]:
+    return rayjob | {"status": status}
+
+
+def step(obj: dict[str, Any], jobs: list[dict[str, Any]], now: datetime = NOW, **kw: Any) -> Any:
+    actions = reconcile(Observed(obj, jobs, now=now, **kw), IMAGES)
+    obj["status"] = actions.status
+    return actions
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+# -------------------------------------------------------------------------------- builder
+
+
+@pytest.mark.parametrize("name", ["demo", "7up", "a.b.c", "x" * 200])
+def test_rayjob_names_are_dns_1035_labels_kuberay_accepts(name: str) -> None:
+    built = rayjob_name(name, StageName.EVALUATE_QUANTIZED, 12)
+    assert len(built) <= MAX_RAYJOB_NAME
+    assert DNS_1035.match(built), built
+    assert built == rayjob_name(name, StageName.EVALUATE_QUANTIZED, 12)
+    assert built != rayjob_name(name, StageName.EVALUATE_QUANTIZED, 13)
+
+
+def test_the_rayjob_carries_the_exact_pipeline_spec_distill_run_reads() -> None:
+    obj = body(train={"workers": 3, "learningRate": "2e-5"})
+    spec = DistillationSpec.model_validate(obj["spec"])
+    plan = make_plan(spec.pipeline())
+    rayjob = build_rayjob(obj, spec, plan, StageName.TRAIN, 1, IMAGES)
+    env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert load_pipeline_spec(env[SPEC_ENV]) == spec.pipeline()
+    assert rayjob["spec"]["entrypoint"] == f"distill stage train --config-env {SPEC_ENV}"
+    meta = rayjob["metadata"]
+    assert meta["annotations"]["distillation.dev/fingerprint"] == plan[StageName.TRAIN].fingerprint
+    assert meta["ownerReferences"][0]["uid"] == "u-1"
+    assert meta["ownerReferences"][0]["controller"] is True
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 3  # one pod per Ray Train worker by default
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert rayjob["spec"]["backoffLimit"] == 0  # retries are the operator's new attempts
+
+
+def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
+    obj = body(secrets={"huggingFaceToken": {"name": "hub"}, "objectStore": {"name": "s3"}})
+    spec = DistillationSpec.model_validate(obj["spec"])
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), StageName.GENERATE, 1, IMAGES)
+    for group in [
+        rayjob["spec"]["rayClusterSpec"]["headGroupSpec"],
+        *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"],
+    ]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for var in ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "value" not in env[var]
+            assert env[var]["valueFrom"]["secretKeyRef"]["name"] in {"hub", "s3"}
+
+
+def test_existing_cluster_kueue_deadline_and_quantize_image() -> None:
+    obj = body(
+        placement={"clusterSelector": {"ray.io/cluster": "shared"}},
+        policy={"stageDeadlineSeconds": 3600},
+    )
+    spec = DistillationSpec.model_validate(obj["spec"])
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), StageName.GENERATE, 1, IMAGES)
+    assert rayjob["spec"]["clusterSelector"] == {"ray.io/cluster": "shared"}
+    assert "rayClusterSpec" not in rayjob["spec"]
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is False  # never tear down theirs
+    assert "ttlSecondsAfterFinished" not in rayjob["spec"]
+    assert rayjob["spec"]["activeDeadlineSeconds"] == 3600
+
+    obj = body(placement={"queueName": "team"}, quantize={"scheme": "W4A16"})
+    spec = DistillationSpec.model_validate(obj["spec"])
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), StageName.QUANTIZE, 1, IMAGES)
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
+    assert "suspend" not in rayjob["spec"]  # Kueue owns it
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["image"] == "reg/quantize:1"
+
+
+def test_distill_stage_reads_the_spec_from_the_named_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("NOT_SET", raising=False)
+    assert distill(["stage", "generate", "--config-env", "NOT_SET"]) == 2
+    assert "NOT_SET is empty or not set" in capsys.readouterr().err
+    monkeypatch.setenv("BAD_SPEC", "teacher: {}\n")
+    assert distill(["stage", "generate", "--config-env", "BAD_SPEC"]) == 2
+    assert "$BAD_SPEC" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- reconcile
+
+
+def test_retry_delay_doubles() -> None:
+    assert [retry_delay(30, n) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
+
+
+def test_first_reconcile_starts_the_first_stage_and_repeats_are_no_ops() -> None:
+    obj = body()
+    actions = step(obj, [])
+    assert [c["metadata"]["name"] for c in actions.create] == ["demo-generate-1"]
+    assert obj["status"]["phase"] == "Running"
+    assert obj["status"]["progress"] == "0/3"
+    assert conditions(obj)["Ready"]["reason"] == "StageRunning"
+    assert [e.reason for e in actions.events] == ["StageStarted"]
+    created = actions.create
+    again = step(obj, created, now=NOW + timedelta(minutes=5))
+    assert again.create == []
+    assert again.events == []
+    moved = conditions(obj)["Ready"]["lastTransitionTime"]
+    assert datetime.fromisoformat(moved.replace("Z", "+00:00")) == NOW  # status unchanged
+
+
+def test_a_failure_waits_for_the_backoff_then_retries_then_fails() -> None:
+    obj = body()
+    first = step(obj, []).create[0]
+    failed = job_status(
+        first,
+        jobDeploymentStatus="Failed",
+        jobStatus="FAILED",
+        reason="AppFailed",
+        message="boom",
+        endTime="2026-11-28T12:00:00Z",
+    )
+    waiting = step(obj, [failed], now=NOW + timedelta(seconds=10))
+    assert waiting.create == []
+    assert waiting.requeue_after == pytest.approx(50.0)
+    stage = obj["status"]["stages"][0]
+    assert stage["state"] == "Retrying"
+    assert "AppFailed: boom" in stage["message"]
+    retry = step(obj, [failed], now=NOW + timedelta(seconds=61))
+    assert [c["metadata"]["name"] for c in retry.create] == ["demo-generate-2"]
+    second = job_status(retry.create[0], jobDeploymentStatus="ValidationFailed", message="no")
+    step(obj, [failed, second], now=NOW + timedelta(seconds=70))
+    assert obj["status"]["stages"][0]["state"] == "Failed"
+    assert obj["status"]["phase"] == "Failed"
+    assert conditions(obj)["Stalled"]["status"] == "True"
+
+
+def test_success_records_metrics_and_starts_the_next_stage() -> None:
+    obj = body()
+    first = step(obj, []).create[0]
+    done = job_status(first, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    uri = first["metadata"]["annotations"]["distillation.dev/artifact"]
+    artifacts = {uri: Artifact(manifest={"metrics": {"records": 40, "tokensPerSecond": 12.5}})}
+    actions = step(obj, [done], artifacts=artifacts)
+    assert [c["metadata"]["name"] for c in actions.create] == ["demo-train-1"]
+    assert obj["status"]["stages"][0]["metrics"] == {"records": "40", "tokensPerSecond": "12.5"}
+    assert conditions(obj)["TeacherDataGenerated"]["status"] == "True"
+    assert [e.reason for e in actions.events] == ["StageSucceeded", "StageStarted"]
+
+
+def test_a_complete_artifact_is_reused_without_a_rayjob() -> None:
+    obj = body()
+    spec = DistillationSpec.model_validate(obj["spec"])
+    uri = make_plan(spec.pipeline()).artifact(StageName.GENERATE)
+    actions = step(obj, [], artifacts={uri: Artifact(manifest={"metrics": {}})})
+    assert [c["metadata"]["name"] for c in actions.create] == ["demo-train-1"]
+    assert "reused" in obj["status"]["stages"][0]["message"]
+
+
+def test_suspend_suspends_ours_and_deletes_kueues() -> None:
+    obj = body()
+    job = step(obj, []).create[0]
+    obj["spec"]["policy"]["suspend"] = True
+    actions = step(obj, [job_status(job, jobDeploymentStatus="Running")])
+    assert actions.suspend_rayjobs == {"demo-generate-1": True}
+    assert obj["status"]["phase"] == "Suspended"
+
+    queued = body(placement={"queueName": "q"})
+    job = step(queued, []).create[0]
+    held = job | {"spec": job["spec"] | {"suspend": True}}
+    step(queued, [job_status(held, jobDeploymentStatus="Suspended")])
+    assert queued["status"]["stages"][0]["state"] == "Queued"
+    queued["spec"]["policy"]["suspend"] = True
+    actions = step(queued, [job_status(held, jobDeploymentStatus="Suspended")])
+    assert actions.delete_rayjobs == ["demo-generate-1"]  # Kueue owns suspend
+    assert actions.suspend_rayjobs == {}
+
+
+def test_the_pipeline_deadline_stops_the_running_stage() -> None:
+    obj = body(policy={"deadlineSeconds": 3600})
+    job = step(obj, []).create[0]
+    actions = step(
+        obj, [job_status(job, jobDeploymentStatus="Running")], now=NOW + timedelta(hours=2)
+    )
+    assert actions.delete_rayjobs == ["demo-generate-1"]
+    assert conditions(obj)["Stalled"]["reason"] == "DeadlineExceeded"
+
+
+def test_a_spec_the_cluster_cannot_run_is_stalled_without_children() -> None:
+    obj = body(placement={"clusterSelector": {"ray.io/cluster": "c"}}, quantize={"scheme": "W8A8"})
+    actions = step(obj, [])
+    assert actions.create == []
+    assert actions.requeue_after is None
+    ready = conditions(obj)["Ready"]
+    assert ready["reason"] == "InvalidSpec"
+    assert "spec.quantize" in ready["message"]
+    assert [e.reason for e in actions.events] == ["InvalidSpec"]
