@@ -90,6 +90,14 @@ cluster: venv tools upstream-crds ## Cluster tests only (a real API server, Helm
 test: lint tools upstream-crds ## The full check CI runs: lint, then every test (unit and cluster).
 	$(BIN)/pytest
 
+.PHONY: images
+images: ## Build the operator, runtime and quantize images into dist/images/ (OCI archives).
+	UV_VERSION=$(UV_VERSION) DISTILL_CACHE_DIR=$(CACHE_DIR) bash hack/build-images.sh
+
+.PHONY: test-images
+test-images: venv tools upstream-crds images ## Build the images, then run them (podman): tests/images.
+	DISTILL_UV=$(UV) DISTILL_CACHE_DIR=$(CACHE_DIR) $(BIN)/pytest -m images tests/images
+
 .PHONY: clean
 clean: ## Remove caches inside the clone (the shared environment stays).
 	rm -rf .mypy_cache .ruff_cache .pytest_cache .import_linter_cache dist build

@@ -1,0 +1,93 @@
+"""Image tests: the images `make images` built (dist/images/*.oci.tar), inspected and run.
+
+They run the images with podman on the project's own image storage (``hack/build-images.sh
+podman``), so what they run is what the build wrote. Locally a missing tool or image skips them
+with the command that makes it; under CI=true it fails them, so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.cluster import ControlPlane, control_plane, require_tools
+from support.images import Image, chart_images, loaded, podman
+
+DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark these tests `images`; they run only when asked for (`-m images`, which `make
+    test-images` passes), since they need `make images` first (minutes, ~20 GB of disk). A plain
+    `pytest` (make test) deselects them and says so."""
+    here = Path(__file__).parent
+    ours = [item for item in items if here in Path(str(item.fspath)).parents]
+    for item in ours:
+        item.add_marker(pytest.mark.images)
+    if ours and "images" not in (config.getoption("markexpr") or ""):
+        config.hook.pytest_deselected(items=ours)
+        items[:] = [item for item in items if item not in ours]
+        config.stash[DESELECTED] = len(ours)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if count := config.stash.get(DESELECTED, 0):
+        terminalreporter.write_line(
+            f"{count} image tests deselected: `make test-images` builds the images and runs them"
+        )
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Image]:
+    return chart_images()
+
+
+@pytest.fixture(scope="session")
+def operator_image(images: dict[str, Image]) -> Image:
+    return loaded(images["operator"])
+
+
+@pytest.fixture(scope="session")
+def runtime_image(images: dict[str, Image]) -> Image:
+    return loaded(images["runtime"])
+
+
+@pytest.fixture(scope="session")
+def quantize_image(images: dict[str, Image]) -> Image:
+    return loaded(images["quantize"])
+
+
+@pytest.fixture(scope="session")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    require_tools()
+    with control_plane(tmp_path_factory.mktemp("controlplane")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def api(plane: ControlPlane) -> Any:
+    return plane.api_client()
+
+
+@pytest.fixture
+def namespace(plane: ControlPlane, api: Any) -> Iterator[str]:
+    """A namespace of the test's own, deleted afterwards (without waiting)."""
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture
+def container_name() -> Iterator[str]:
+    """A container name of the test's own; the container is removed afterwards."""
+    name = f"distill-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    podman("rm", "--force", "--ignore", name, check=False)

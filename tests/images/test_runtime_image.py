@@ -1,0 +1,92 @@
+"""The stage images run the `distill` command, and one stage of the tiny example end to end, with
+its artifacts written to a mounted folder as a RayJob's volume would hold them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from support.cluster import REPO
+from support.images import Image, podman, project_version
+
+TINY = REPO / "examples" / "tiny"
+UID = 65532  # the images' user (the Dockerfiles' USER)
+
+
+def test_runtime_image_runs_distill(runtime_image: Image) -> None:
+    done = podman("run", "--rm", runtime_image.ref, "--help")
+    assert "stage" in done.stdout
+    version = podman(
+        "run",
+        "--rm",
+        "--entrypoint=python",
+        runtime_image.ref,
+        "-c",
+        "import importlib.metadata as m; print(m.version('distillation-operator'))",
+    )
+    assert version.stdout.strip() == project_version()
+
+
+def test_quantize_image_imports_llm_compressor(quantize_image: Image) -> None:
+    done = podman(
+        "run",
+        "--rm",
+        "--entrypoint=python",
+        quantize_image.ref,
+        "-c",
+        "import llmcompressor, compressed_tensors, distillation_runtime; print('ok')",
+    )
+    assert done.stdout.strip().endswith("ok")
+
+
+def prepare_tiny(work: Path, prompts: int) -> None:
+    """examples/tiny/prepare.py with a briefly trained teacher, and the first prompts only."""
+    spec = importlib.util.spec_from_file_location("tiny_prepare", TINY / "prepare.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(work, teacher_steps=20)
+    lines = (work / "prompts.jsonl").read_text().splitlines()[:prompts]
+    (work / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_runtime_image_runs_the_generate_stage_of_the_tiny_example(
+    runtime_image: Image, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    prepare_tiny(data, prompts=40)
+    spec = yaml.safe_load((TINY / "spec.yaml").read_text())
+    spec["teacher"]["model"] = "/data/teacher"
+    spec["student"]["model"] = "/data/student"
+    spec["dataset"]["prompts"] = "/data/prompts.jsonl"
+    spec["output"] = "/data/artifacts"
+    (data / "spec.yaml").write_text(yaml.safe_dump(spec))
+    for path in [data, *data.rglob("*")]:  # the stage runs as the image's non-root user
+        os.chown(path, UID, UID)
+
+    done = podman(
+        "run",
+        "--rm",
+        "--shm-size=1g",
+        f"--volume={data}:/data:rw",
+        runtime_image.ref,
+        "stage",
+        "generate",
+        "--config",
+        "/data/spec.yaml",
+        timeout=900,
+    )
+    assert "generate: " in done.stdout, done.stdout + done.stderr
+
+    [artifact] = (data / "artifacts").glob("generate-*")
+    assert (artifact / "_COMPLETE").exists()
+    rows = sum(pq.read_table(artifact / f"{split}.parquet").num_rows for split in ("train", "eval"))
+    assert rows == 40
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest, "the stage wrote an empty manifest"
