@@ -78,6 +78,19 @@ upstream-crds: ## Check that the upstream KubeRay/KServe CRDs the cluster tests 
 cluster-up: tools ## Start a control plane in /tmp/distill-cluster for manual use (Ctrl-C stops it).
 	$(DISTILL_TOOLS_BIN)/testcluster up --dir /tmp/distill-cluster --exit-with-parent=false
 
+# llm-compressor pins transformers, torch and compressed-tensors below what vLLM takes: the
+# quantize stage has its own environment (and image), beside the main one.
+VENV_QUANTIZE ?= $(CACHE_DIR)/venv-quantize
+QUANTIZE_EXTRAS ?= --extra runtime --extra quantize --extra dev
+
+.PHONY: venv-quantize
+venv-quantize: $(UV) ## Create or update the quantize environment (llm-compressor) from uv.lock.
+	UV_PROJECT_ENVIRONMENT=$(VENV_QUANTIZE) $(UV) sync --frozen --python $(PYTHON) $(QUANTIZE_EXTRAS)
+
+.PHONY: test-quantize
+test-quantize: venv-quantize ## Quantize tests in the quantize environment; a skip there is a failure.
+	DISTILL_REQUIRE_QUANTIZE=1 $(VENV_QUANTIZE)/bin/pytest -m quantize tests/stages
+
 .PHONY: unit
 unit: venv ## Unit tests only (pure, fast).
 	$(BIN)/pytest tests/unit

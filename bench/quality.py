@@ -8,6 +8,13 @@ the same batch size (equal training compute):
 - response KD:       on many workload prompts answered by the teacher (its text only);
 - response+logit KD: the same, plus the teacher's top-k log-probs (offline logit distillation).
 
+Prune then distil (Minitron): the teacher pruned to a smaller shape (the prune stage), then
+distilled (response + logits); against a random-init model of exactly the same shape given the
+same distillation budget. Quantised: that pruned-and-distilled student through the quantize
+stage (FP8_DYNAMIC, W4A16 with the teacher's answers as calibration), reloaded and scored
+against its unquantised self. The quantised figures need llm-compressor (the ``quantize``
+extra; run in that environment, e.g. ``make venv-quantize``); without it they are null.
+
 It reports exact match on held-out prompts, retention (student / teacher), the spread over
 seeds, and compute. Nothing here is tuned towards a result: the settings are the defaults of
 the spec unless the comment says otherwise.
@@ -16,13 +23,15 @@ the spec unless the comment says otherwise.
     python bench/quality.py --quick    # 1 seed, fewer steps (a few minutes)
     python bench/quality.py --task reversal
 
-The last line is JSON with ``retention`` and ``vs_scratch_points``.
+The last line is JSON with ``retention``, ``vs_scratch_points``, ``pruned_vs_random_points``,
+``w4a16_retention`` and ``fp8_retention``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -50,6 +59,10 @@ from distillation_runtime.toy import (
 
 TEACHER = ModelSize(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2)
 STUDENT = ModelSize(hidden=96, intermediate=224, layers=2, heads=4, kv_heads=2)  # <= 1/4
+# The pruned student: W4A16 quantises in groups of 128 columns, so every width is below 128 or a
+# multiple of it (hidden 96; MLP 256; attention 4 heads x 32).
+PRUNED = {"hidden_size": 96, "intermediate_size": 256, "num_layers": 2}
+HAVE_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
 
 
 @dataclass(frozen=True)
@@ -161,7 +174,74 @@ def one_seed(settings: Settings, teacher: Teacher, seed: int, root: Path) -> dic
         )
         results[f"{name}_seconds"] = time.perf_counter() - t0
         results[name] = accuracy(folder, teacher.held_out)
+    results.update(prune_then_distil(settings, teacher, seed, root, labelled, workload))
     return results
+
+
+def prune_then_distil(
+    settings: Settings,
+    teacher: Teacher,
+    seed: int,
+    root: Path,
+    labelled: list[Any],
+    workload: list[Example],
+) -> dict[str, Any]:
+    """The teacher pruned (calibrated on workload prompts) vs a random init of the same shape,
+    both distilled for the same steps; then the pruned student quantised."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distillation_runtime.records import write_parquet
+    from distillation_runtime.stages.prune import MODEL_DIR, PruneJob
+    from distillation_runtime.stages.prune import run as prune
+
+    tokenizer = make_tokenizer()
+    pruned = prune(
+        PruneJob(
+            teacher=str(teacher.folder),
+            prompts=[e.prompt for e in workload[:256]],
+            output=str(root / "pruned"),
+            **PRUNED,
+        )
+    )
+    config = AutoConfig.from_pretrained(root / "pruned" / MODEL_DIR)
+    torch.manual_seed(seed + 1)
+    random_init = AutoModelForCausalLM.from_config(config)
+    random_start = save_pretrained(random_init, tokenizer, root / "random-init")
+    out: dict[str, Any] = {"pruned_params": pruned.student_parameters}
+    folders = {}
+    for name, start in (("pruned", root / "pruned" / MODEL_DIR), ("random_init", random_start)):
+        folders[name] = train_on_records(
+            labelled,
+            start,
+            root / f"{name}-kd",
+            settings.student_steps,
+            batch=settings.batch,
+            logits=True,
+            seed=seed,
+        )
+        out[name] = accuracy(folders[name], teacher.held_out)
+    if HAVE_LLMCOMPRESSOR:
+        write_parquet(labelled[:128], root / "calibration.parquet")
+        for scheme in ("FP8_DYNAMIC", "W4A16"):
+            quantized = quantize(folders["pruned"], scheme, root / "calibration.parquet", root)
+            out[scheme] = accuracy(quantized, teacher.held_out)
+    return out
+
+
+def quantize(model: Path, scheme: str, calibration: Path, root: Path) -> Path:
+    """The quantize stage on ``model``; returns the compressed-tensors checkpoint's folder."""
+    from distillation_runtime.spec import QuantizeSpec
+    from distillation_runtime.stages.quantize import MODEL_DIR, QuantizeJob, run
+
+    output = root / f"quantized-{scheme}"
+    spec = QuantizeSpec.model_validate({"scheme": scheme, "calibrationSamples": 128})
+    run(
+        QuantizeJob(
+            model=str(model), output=str(output), quantize=spec, calibration=str(calibration)
+        )
+    )
+    return output / MODEL_DIR
 
 
 def spread(values: list[float]) -> str:
@@ -216,6 +296,30 @@ def main() -> int:
     for n in names:
         retention = mean[n] / mean["teacher"] if mean["teacher"] else 0.0
         print(f"{n:<18} {spread([r[n] for r in runs]):>16} {retention:>10.2f} {data[n]:>28}")
+    extra = ["pruned", "random_init"] + (["FP8_DYNAMIC", "W4A16"] if HAVE_LLMCOMPRESSOR else [])
+    mean.update({n: statistics.fmean(r[n] for r in runs) for n in extra})
+    print(
+        f"\nPrune then distil: {runs[0]['pruned_params']:,} parameters "
+        f"({runs[0]['pruned_params'] / runs[0]['teacher_params']:.2f}x the teacher), "
+        f"response+logits KD, {settings.student_steps} steps each."
+    )
+    start = {
+        "pruned": "teacher pruned",
+        "random_init": "random, same shape",
+        "FP8_DYNAMIC": "pruned+KD, FP8",
+        "W4A16": "pruned+KD, GPTQ int4",
+    }
+    for n in extra:
+        retention = mean[n] / mean["teacher"] if mean["teacher"] else 0.0
+        print(f"{n:<18} {spread([r[n] for r in runs]):>16} {retention:>10.2f} {start[n]:>28}")
+    if not HAVE_LLMCOMPRESSOR:
+        print("(quantised students: llm-compressor not installed; run in the quantize environment)")
+
+    def kept(scheme: str) -> float | None:
+        if not HAVE_LLMCOMPRESSOR or not mean["pruned"]:
+            return None
+        return round(mean[scheme] / mean["pruned"], 4)
+
     summary = {
         "task": settings.task,
         "seeds": seeds,
@@ -229,7 +333,13 @@ def main() -> int:
         "logits_minus_response_points": round(
             100 * (mean["response+logits"] - mean["response"]), 2
         ),
+        "pruned_accuracy": round(mean["pruned"], 4),
+        "random_init_accuracy": round(mean["random_init"], 4),
+        "pruned_vs_random_points": round(100 * (mean["pruned"] - mean["random_init"]), 2),
+        "w4a16_retention": kept("W4A16"),
+        "fp8_retention": kept("FP8_DYNAMIC"),
         "teacher_params": runs[0]["teacher_params"],
+        "pruned_params": runs[0]["pruned_params"],
         "student_params": runs[0]["student_params"],
         "student_steps": settings.student_steps,
         "batch": settings.batch,

@@ -61,6 +61,11 @@ class Runner:
     def run(self) -> list[StageOutcome]:
         from distillation_runtime.storage import artifact_complete
 
+        pending = [s.name for s in self.plan.stages if not artifact_complete(self.artifact(s.name))]
+        if StageName.QUANTIZE in pending:
+            from distillation_runtime.stages.quantize import require_llmcompressor
+
+            require_llmcompressor()  # before hours of training, not after
         outcomes = []
         for stage in self.plan.stages:
             uri = self.artifact(stage.name)
@@ -83,16 +88,13 @@ class Runner:
         from distillation_runtime.storage import make_manifest, staging_dir, write_artifact
 
         runners: dict[StageName, Callable[[Path], tuple[dict[str, Any], dict[str, str]]]] = {
+            StageName.PRUNE: self._prune,
             StageName.GENERATE: self._generate,
             StageName.TRAIN: self._train,
             StageName.EVALUATE: self._evaluate,
+            StageName.QUANTIZE: self._quantize,
+            StageName.EVALUATE_QUANTIZED: self._evaluate_quantized,
         }
-        if stage.name not in runners:
-            raise NotImplementedError(
-                f"the {stage.name.value} stage is not available yet (prune and quantize arrive "
-                "with their own issue); remove student.prune / quantize from the spec to run "
-                "the rest"
-            )
         uri = self.artifact(stage.name)
         started = datetime.now(UTC)
         with staging_dir() as folder:
@@ -107,6 +109,80 @@ class Runner:
         return StageOutcome(stage.name.value, "ran", uri, seconds, metrics)
 
     # ---------------------------------------------------------------- stages
+
+    def importance_key(self) -> str:
+        """What the prune stage's importance scores depend on: the teacher and the calibration
+        prompts, not the target. Two prunes with the same key share one set of scores."""
+        import hashlib
+
+        prune = self.spec.student.prune
+        assert prune is not None
+        canonical = json.dumps(
+            {
+                "teacher": self.spec.teacher.model_dump(mode="json", by_alias=True),
+                "dataset": self.spec.dataset.model_dump(mode="json", by_alias=True),
+                "calibrationSamples": prune.calibration_samples,
+                "depthImportance": prune.depth_importance.value,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def saved_importance(self, key: str) -> Path | None:
+        """The importance scores of a complete earlier prune artifact under the same output with
+        the same key, fetched to a local file; None when there is none."""
+        from distillation_runtime.stages.prune import IMPORTANCE_FILE
+        from distillation_runtime.storage import artifact_complete, filesystem, read_manifest
+
+        fs, root = filesystem(self.spec.output)
+        for folder in sorted(fs.glob(f"{root}/prune-*")):
+            uri = f"{self.spec.output.rstrip('/')}/{folder.rstrip('/').rsplit('/', 1)[-1]}"
+            if not artifact_complete(uri):
+                continue
+            if read_manifest(uri).get("metrics", {}).get("importanceKey") != key:
+                continue
+            local = self.work / f"importance-{key}.safetensors"
+            fs.get(f"{folder}/{IMPORTANCE_FILE}", str(local))
+            return local
+        return None
+
+    def _prune(self, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        from transformers import AutoTokenizer
+
+        from distillation_runtime.data import load_prompts
+        from distillation_runtime.stages.prune import PruneJob, run
+
+        prune = self.spec.student.prune
+        assert prune is not None
+        teacher = self.local(self.spec.teacher.model)
+        key = self.importance_key()
+        saved = self.saved_importance(key)
+        prompts: list[str] = []
+        if saved is None:
+            loaded = load_prompts(self.spec.dataset, AutoTokenizer.from_pretrained(teacher))
+            prompts = [p.text for p in loaded.train[: prune.calibration_samples]]
+        else:
+            self.log(f"prune: reusing importance scores {key} (no forward passes)")
+        job = PruneJob.from_spec(
+            prune,
+            teacher=str(teacher),
+            prompts=prompts,
+            output=str(folder),
+            importance=str(saved) if saved else None,
+            dtype=self.spec.teacher.dtype,
+        )
+        result = run(job)
+        metrics = {
+            "architecture": result.architecture,
+            "teacherParameters": result.teacher_parameters,
+            "studentParameters": result.student_parameters,
+            "keptLayers": result.kept_layers,
+            "student": result.student,
+            "calibrationSamples": result.calibration_samples,
+            "importanceReused": result.importance_reused,
+            "importanceKey": key,
+        }
+        return metrics, {}
 
     def _generate(self, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
         from transformers import AutoTokenizer
@@ -144,13 +220,15 @@ class Runner:
         from distillation_runtime.stages.train import FINAL_MODEL, METRICS_FILE, TrainJob, run
 
         stage = self.plan[StageName.TRAIN]
+        from distillation_runtime.stages.prune import MODEL_DIR
+
         generated = self.local(self.artifact(StageName.GENERATE))
-        if self.spec.student.model is None:
-            raise NotImplementedError(
-                "student.prune needs the prune stage, which is not available yet"
-            )
+        if self.spec.student.model is not None:
+            student = self.local(self.spec.student.model)
+        else:
+            student = self.local(self.artifact(StageName.PRUNE)) / MODEL_DIR
         job = TrainJob(
-            student=str(self.local(self.spec.student.model)),
+            student=str(student),
             teacher=str(self.local(self.spec.teacher.model)),
             data=str(generated / "train.parquet"),
             output=str(self.work / f"train-{stage.fingerprint}"),
@@ -163,13 +241,55 @@ class Runner:
         metrics = {"steps": len(lines), "finalLoss": lines[-1]["loss"] if lines else None}
         return metrics, {"generate": self.artifact(StageName.GENERATE)}
 
+    def _quantize(self, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        from distillation_runtime.stages.quantize import QuantizeJob, run
+
+        assert self.spec.quantize is not None
+        trained = self.local(self.artifact(StageName.TRAIN))
+        generated = self.local(self.artifact(StageName.GENERATE))
+        result = run(
+            QuantizeJob(
+                model=str(trained / "model"),
+                output=str(folder),
+                quantize=self.spec.quantize,
+                calibration=str(generated / "train.parquet"),
+                max_seq_length=self.spec.train.max_seq_length,
+            )
+        )
+        metrics = {
+            "scheme": result.scheme,
+            "format": result.format,
+            "minComputeCapability": result.min_compute_capability,
+            "ignored": result.ignored,
+            "sizeBytesBefore": result.size_bytes_before,
+            "sizeBytesAfter": result.size_bytes_after,
+            "compression": round(result.compression, 3),
+            "calibrationSamples": result.calibration_samples,
+        }
+        inputs = {
+            "train": self.artifact(StageName.TRAIN),
+            "generate": self.artifact(StageName.GENERATE),
+        }
+        return metrics, inputs
+
     def _evaluate(self, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        return self._evaluate_student(folder, StageName.TRAIN)
+
+    def _evaluate_quantized(self, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        return self._evaluate_student(folder, StageName.QUANTIZE)
+
+    def _evaluate_student(
+        self, folder: Path, source: StageName
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The evaluate stage on the student of ``source`` (trained, or trained then
+        quantised): the same prompts, metrics and gate either way."""
         from distillation_runtime.stages.evaluate import EvaluateJob, run
 
         trained = self.local(self.artifact(StageName.TRAIN))
+        student = self.local(self.artifact(source))
         generated = self.local(self.artifact(StageName.GENERATE))
         job = EvaluateJob(
-            student=str(trained / "model"),
+            student=str(student / "model"),
             teacher=str(self.local(self.spec.teacher.model)),
             records=str(generated / "eval.parquet"),
             output=str(folder),
@@ -178,9 +298,15 @@ class Runner:
             train_metrics=str(trained / "metrics.jsonl"),
             lineage={
                 "teacher": self.spec.teacher.model,
-                "student (start)": self.spec.student.model or "pruned teacher",
+                "student (start)": self.spec.student.model
+                or f"pruned teacher ({self.artifact(StageName.PRUNE)})",
                 "data": self.spec.dataset.prompts,
                 "train artifact": self.artifact(StageName.TRAIN),
+                **(
+                    {"quantize artifact": self.artifact(StageName.QUANTIZE)}
+                    if source is StageName.QUANTIZE
+                    else {}
+                ),
             },
         )
         report = run(job)
@@ -193,7 +319,7 @@ class Runner:
             **{f"teacher.{k}": v for k, v in report["teacher"].items()},
         }
         inputs = {
-            "train": self.artifact(StageName.TRAIN),
+            source.value: self.artifact(source),
             "generate": self.artifact(StageName.GENERATE),
         }
         return metrics, inputs
@@ -203,7 +329,17 @@ def results_table(outcomes: list[StageOutcome]) -> str:
     """The closing table of ``distill run``."""
     rows = [("stage", "state", "seconds", "key results", "artifact")]
     for o in outcomes:
-        keys = ("gatePassed", "retention", "finalLoss", "steps", "records", "tokensPerSecond")
+        keys = (
+            "gatePassed",
+            "retention",
+            "finalLoss",
+            "steps",
+            "records",
+            "tokensPerSecond",
+            "studentParameters",
+            "scheme",
+            "compression",
+        )
         shown = ", ".join(f"{k}={o.metrics[k]}" for k in keys if k in o.metrics)
         rows.append((o.name, o.state, f"{o.seconds:.1f}", shown, o.artifact))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

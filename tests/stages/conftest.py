@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -18,3 +20,21 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{server._port}"
     server.stop()
+
+
+HAVE_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
+MISSING_LLMCOMPRESSOR = (
+    "llm-compressor is not installed (the `quantize` extra, its own environment): run "
+    "`make test-quantize`"
+)
+
+
+@pytest.fixture(autouse=True)
+def _quantize_environment(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``quantize`` skip without llm-compressor, or fail when
+    DISTILL_REQUIRE_QUANTIZE=1 (``make test-quantize``: a skipped check must not look green)."""
+    if request.node.get_closest_marker("quantize") is None or HAVE_LLMCOMPRESSOR:
+        return
+    if os.environ.get("DISTILL_REQUIRE_QUANTIZE") == "1":
+        pytest.fail(f"{MISSING_LLMCOMPRESSOR}; DISTILL_REQUIRE_QUANTIZE=1 forbids skipping")
+    pytest.skip(MISSING_LLMCOMPRESSOR)

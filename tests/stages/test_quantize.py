@@ -1,0 +1,140 @@
+"""The quantize stage with the real llm-compressor on a tiny random Llama: compressed-tensors
+checkpoints that reload with transformers and generate, lm_head in full precision, sizes and the
+GPU class in the report.
+
+llm-compressor lives in its own environment (the ``quantize`` extra): ``make test-quantize``
+runs these tests there with ``DISTILL_REQUIRE_QUANTIZE=1``, which turns a skip into a failure
+(conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from distillation_runtime.records import write_parquet
+from distillation_runtime.spec import QuantizeSpec
+from distillation_runtime.stages.quantize import MODEL_DIR, REPORT_FILE, QuantizeJob, run
+from distillation_runtime.toy import (
+    ModelSize,
+    gold_records,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+    save_pretrained,
+)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Llama whose widths are multiples of W4A16's group size (128), and calibration
+    records in the generate stage's format."""
+    root = tmp_path_factory.mktemp("quantize")
+    tokenizer = make_tokenizer()
+    size = ModelSize(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2)
+    folder = save_pretrained(make_model(tokenizer, size, seed=0), tokenizer, root / "student")
+    records = gold_records(tokenizer, sample_examples("addition", 32, seed=0))
+    write_parquet(records, root / "train.parquet")
+    return folder, root / "train.parquet"
+
+
+def tensor_dtypes(folder: Path) -> dict[str, Any]:
+    dtypes = {}
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                dtypes[key] = handle.get_slice(key).get_dtype()
+    return dtypes
+
+
+def reload_and_generate(folder: Path) -> tuple[Any, list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(["12+34="], return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    return model, [int(t) for t in out[0, ids["input_ids"].shape[1] :]]
+
+
+@pytest.mark.quantize
+@pytest.mark.parametrize(
+    ("scheme", "fmt", "capability", "packed_key"),
+    [
+        ("FP8_DYNAMIC", "float-quantized", "8.9", "weight"),
+        ("W4A16", "pack-quantized", "8.0", "weight_packed"),
+        ("W8A8", "int-quantized", "7.5", "weight"),
+    ],
+)
+def test_scheme_writes_a_compressed_tensors_checkpoint_that_generates(
+    student: tuple[Path, Path],
+    tmp_path: Path,
+    scheme: str,
+    fmt: str,
+    capability: str,
+    packed_key: str,
+) -> None:
+    model_dir, calibration = student
+    result = run(
+        QuantizeJob(
+            model=str(model_dir),
+            output=str(tmp_path),
+            quantize=QuantizeSpec.model_validate({"scheme": scheme, "calibrationSamples": 16}),
+            calibration=str(calibration),
+            max_seq_length=32,
+        )
+    )
+    config = json.loads((tmp_path / MODEL_DIR / "config.json").read_text())
+    quantization = config["quantization_config"]
+    assert quantization["quant_method"] == "compressed-tensors"
+    assert quantization["format"] == fmt == result.format
+    assert "lm_head" in quantization["ignore"]
+    assert result.min_compute_capability == capability
+    assert result.calibration_samples == (0 if scheme == "FP8_DYNAMIC" else 16)
+    assert result.size_bytes_after < result.size_bytes_before
+
+    dtypes = tensor_dtypes(tmp_path / MODEL_DIR)
+    assert dtypes["lm_head.weight"] == "F32"  # the output layer stays in full precision
+    quantized = dtypes[f"model.layers.0.mlp.down_proj.{packed_key}"]
+    assert quantized in {"F8_E4M3", "I32", "I8"}
+    report = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert report["scheme"] == scheme
+    assert report["min_compute_capability"] == capability
+
+    model, tokens = reload_and_generate(tmp_path / MODEL_DIR)
+    assert len(tokens) >= 1
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.quantize
+def test_calibrated_scheme_without_records_names_the_field(
+    student: tuple[Path, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"spec\.quantize\.scheme W4A16 calibrates"):
+        run(
+            QuantizeJob(
+                model=str(student[0]),
+                output=str(tmp_path),
+                quantize=QuantizeSpec.model_validate({"scheme": "W4A16"}),
+            )
+        )
+
+
+@pytest.mark.quantize
+def test_lm_head_stays_ignored_when_the_user_lists_other_modules(
+    student: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = QuantizeSpec.model_validate(
+        {"scheme": "FP8_DYNAMIC", "ignore": ["model.layers.0.mlp.down_proj"]}
+    )
+    result = run(QuantizeJob(model=str(student[0]), output=str(tmp_path), quantize=spec))
+    assert result.ignored == ["lm_head", "model.layers.0.mlp.down_proj"]
+    dtypes = tensor_dtypes(tmp_path / MODEL_DIR)
+    assert dtypes["lm_head.weight"] == "F32"
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == "F32"
+    assert dtypes["model.layers.1.mlp.down_proj.weight"] == "F8_E4M3"

@@ -1,0 +1,114 @@
+"""`distill run` with student.prune and quantize: the whole recipe (prune -> generate -> train ->
+evaluate -> quantize -> evaluate-quantized) on tiny models, reuse of the importance scores when
+only the target changes, and the refusal where llm-compressor is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from distillation_runtime.plan import make_plan
+from distillation_runtime.spec import PipelineSpec
+from distillation_runtime.storage import artifact_complete, read_manifest
+from distillation_runtime.toy import (
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+    save_pretrained,
+)
+
+DISTILL = Path(sys.executable).parent / "distill"
+HAVE_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
+
+
+def distill(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(DISTILL), *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recipe")
+    tokenizer = make_tokenizer()
+    teacher = ModelSize(hidden=64, intermediate=192, layers=3, heads=4, kv_heads=2)
+    save_pretrained(make_model(tokenizer, teacher, seed=1), tokenizer, root / "teacher")
+    with (root / "prompts.jsonl").open("w") as f:
+        for e in sample_examples("addition", 32, seed=0):
+            f.write(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n")
+    return root
+
+
+def spec(root: Path, layers: int, output: str = "artifacts") -> dict[str, Any]:
+    return {
+        "teacher": {"model": str(root / "teacher")},
+        "student": {"prune": {"numLayers": layers, "intermediateSize": 128}},
+        "dataset": {
+            "prompts": str(root / "prompts.jsonl"),
+            "referenceField": "answer",
+            "evalFraction": "0.25",
+        },
+        "generate": {"maxNewTokens": 4},
+        "train": {"epochs": 1, "batchSize": 8, "learningRate": "1e-3"},
+        "quantize": {"scheme": "FP8_DYNAMIC"},
+        "evaluate": {"metrics": ["tokenF1"], "gate": {"minRetention": "0.01"}},
+        "output": str(root / output),
+    }
+
+
+def write(root: Path, name: str, data: dict[str, Any]) -> Path:
+    path = root / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.quantize
+def test_prune_distill_quantize_and_evaluate_the_quantised_student(project: Path) -> None:
+    out = distill("run", str(write(project, "two.yaml", spec(project, 2))), cwd=project)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = make_plan(PipelineSpec.model_validate(spec(project, 2)))
+    assert [s.value for s in plan.names] == [
+        "prune",
+        "generate",
+        "train",
+        "evaluate",
+        "quantize",
+        "evaluate-quantized",
+    ]
+    for stage in plan.stages:
+        assert artifact_complete(plan.artifact(stage.name)), stage.name
+    pruned = read_manifest(plan.artifact("prune"))["metrics"]
+    assert pruned["student"]["layers"] == 2
+    assert pruned["studentParameters"] < pruned["teacherParameters"]
+    assert not pruned["importanceReused"]
+    quantized = read_manifest(plan.artifact("quantize"))["metrics"]
+    assert quantized["scheme"] == "FP8_DYNAMIC"
+    assert quantized["minComputeCapability"] == "8.9"
+    assert quantized["sizeBytesAfter"] < quantized["sizeBytesBefore"]
+    evaluated = read_manifest(plan.artifact("evaluate-quantized"))
+    assert evaluated["inputs"]["quantize"] == plan.artifact("quantize")
+    report = json.loads(Path(plan.artifact("evaluate-quantized"), "report.json").read_text())
+    assert report["lineage"]["quantize artifact"] == plan.artifact("quantize")
+
+    # Another target for the same teacher and prompts: the scores are reused, no forward pass.
+    again = distill("run", str(write(project, "one.yaml", spec(project, 1))), cwd=project)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing importance scores" in again.stderr
+    replan = make_plan(PipelineSpec.model_validate(spec(project, 1)))
+    assert read_manifest(replan.artifact("prune"))["metrics"]["importanceReused"]
+
+
+@pytest.mark.skipif(HAVE_LLMCOMPRESSOR, reason="checks the environment without llm-compressor")
+def test_run_refuses_quantize_without_llmcompressor_before_any_stage(project: Path) -> None:
+    data = spec(project, 2, output="refused")
+    out = distill("run", str(write(project, "refused.yaml", data)), cwd=project)
+    assert out.returncode != 0
+    assert "llm-compressor is not installed" in out.stderr
+    assert "`quantize` extra" in out.stderr
+    assert not (project / "refused").exists()  # refused before the first stage ran
