@@ -21,7 +21,8 @@ IMAGES = list(chart_images().values())
 def config_of(image: Image) -> dict[str, Any]:
     require_image(image)
     config: dict[str, Any] = skopeo_json("inspect", "--config", f"oci-archive:{image.archive}")
-    return config["config"]
+    inner: dict[str, Any] = config["config"]
+    return inner
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=lambda i: i.name)

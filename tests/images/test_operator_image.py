@@ -125,32 +125,32 @@ def test_operator_image_runs_non_root_answers_health_and_reconciles(
     assert process_uids(container_name) == [uid] * 4
     assert uid != 0
 
-    custom = client.CustomObjectsApi(api)
+    custom: Any = client.CustomObjectsApi(api)
     manifest = {**samples["tiny-cpu"], "metadata": {"name": "tiny", "namespace": namespace}}
-    created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    created: dict[str, Any] = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, manifest
+    )
     generation = created["metadata"]["generation"]
 
     deadline = time.monotonic() + 90
-    status: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "tiny")
-        status = current.get("status") or {}
-        if status.get("observedGeneration") == generation:
-            break
+    current: dict[str, Any] = created
+    while (current.get("status") or {}).get("observedGeneration") != generation:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"status.observedGeneration never reached {generation} in 90 s (status: "
+                f"{current.get('status')}); the operator's log:\n{logs(container_name)}"
+            )
         time.sleep(0.5)
-    else:
-        raise AssertionError(
-            f"status.observedGeneration never reached {generation} in 90 s (status: {status});"
-            f" the operator's log:\n{logs(container_name)}"
-        )
+        current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "tiny")
 
-    rayjobs = custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs")["items"]
+    listed: dict[str, Any] = custom.list_namespaced_custom_object(
+        "ray.io", "v1", namespace, "rayjobs"
+    )
+    uid_of_tiny = current["metadata"]["uid"]
     owned = [
         job
-        for job in rayjobs
-        if any(
-            ref["uid"] == current["metadata"]["uid"] for ref in job["metadata"]["ownerReferences"]
-        )
+        for job in listed["items"]
+        if any(ref["uid"] == uid_of_tiny for ref in job["metadata"].get("ownerReferences", []))
     ]
     assert owned, (
         f"no RayJob owned by the Distillation; the operator's log:\n{logs(container_name)}"

@@ -130,7 +130,7 @@ def locked_pins(*extras: str) -> dict[str, str]:
     )
     assert done.returncode == 0, done.stderr
     environment = {"python_full_version": "3.11.2", "python_version": "3.11"}
-    pins = {}
+    pins: dict[str, str] = {}
     for line in done.stdout.splitlines():
         if not line or line.startswith(("#", " ", "-")):
             continue
