@@ -269,7 +269,11 @@ build_daemonless() {
     log "$ref: loading the cached archive into the image storage"
     skopeo copy --quiet "oci-archive:$cached" "$storage_ref$ref"
   else
-    local args=(--isolation chroot --format oci --layers -f "$repo/$file" -t "$ref"
+    # With overlay a layer holds only its changes, so the locked dependencies are a cached layer
+    # of their own; vfs stores every layer as a full copy (gigabytes each): one layer there.
+    local layers=--layers=false
+    [ "$driver" = vfs ] || layers=--layers
+    local args=(--isolation chroot --format oci "$layers" -f "$repo/$file" -t "$ref"
       --label "dev.distillation.inputs=$key"
       --build-arg "BASE=$base_id" --build-arg "VERSION=$version" --build-arg "UV_VERSION=$uv_version"
       --build-arg "UV_CACHE_DIR=/host-uv-cache" -v "$(host_uv_cache):/host-uv-cache")
