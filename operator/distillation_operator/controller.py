@@ -20,7 +20,8 @@ from distillation_operator import metrics
 from distillation_operator.artifacts import read_artifacts
 from distillation_operator.builders.common import Images
 from distillation_operator.builders.inference_service import inference_service_name
-from distillation_operator.k8s import INFERENCE_SERVICE, RAYJOB, Cluster
+from distillation_operator.cache import ChildCache
+from distillation_operator.k8s import Cluster
 from distillation_operator.reconcile import Actions, Observed, parse_job, reconcile
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Controller:
     job_states: dict[str, str] = field(default_factory=dict)
     seen: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """What the last reconcile knew of each child ("ns/name" -> child_signature)."""
+    children: ChildCache = field(default_factory=ChildCache)
 
     def news(self, child: Mapping[str, Any]) -> bool:
         """Whether a child's event can change a decision (its status or suspend moved since the
@@ -154,8 +156,10 @@ class Controller:
         body = self.cluster.get_distillation(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        rayjobs = self.cluster.owned(RAYJOB, namespace, body)
-        services = self.cluster.owned(INFERENCE_SERVICE, namespace, body)
+        self.children.ensure_listed(namespace, self.cluster.managed_children)
+        uid = body["metadata"]["uid"]
+        rayjobs = self.children.owned(namespace, "RayJob", uid)
+        services = self.children.owned(namespace, "InferenceService", uid)
         service_name = inference_service_name(name)
         service = next((s for s in services if s["metadata"]["name"] == service_name), None)
         artifacts = read_artifacts(artifacts_to_read(body, rayjobs))
@@ -177,11 +181,15 @@ class Controller:
         for service in actions.delete_inference_services:
             self.cluster.delete("InferenceService", namespace, service)
         for job, suspend in actions.suspend_rayjobs.items():
-            self.cluster.suspend_rayjob(namespace, job, suspend)
+            updated = self.cluster.suspend_rayjob(namespace, job, suspend)
+            if updated is not None:
+                self.children.observe(updated)
         for child in actions.create:
-            self.cluster.create(child)
+            created = self.cluster.create(child)
+            if created is not None:
+                self.children.observe(created)
         for child in actions.apply:
-            self.cluster.update_spec(child)
+            self.children.observe(self.cluster.update_spec(child))
         old = body.get("status") or {}
         if actions.status != old:
             self.cluster.patch_status(namespace, name, old, actions.status)

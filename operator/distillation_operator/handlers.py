@@ -10,6 +10,7 @@ InferenceServices they own (watched by label). kopf's progress and diff-base liv
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -88,10 +89,14 @@ def distillation_deleted(namespace: str | None, name: str, **_: Any) -> None:
 @kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)
 @kopf.on.event("serving.kserve.io", "v1beta1", "inferenceservices", labels=MANAGED)
 async def child_changed(type: str | None, body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    """A RayJob or InferenceService of a Distillation changed: reconcile its owner (unless the
-    change is one the last reconcile already saw, e.g. the creation it just made)."""
+    """A RayJob or InferenceService of a Distillation changed: remember it, and reconcile its
+    owner unless the change is one the last reconcile already saw (e.g. its own creation).
+
+    ``body`` is the newest state (kopf merges a burst of events into one call)."""
+    deleted = type == "DELETED"
+    controller().children.observe(copy.deepcopy(dict(body)), deleted=deleted)
     owner = controller_owner(body)
     if owner is None or not namespace:
         return
-    if type == "DELETED" or controller().news(body):
+    if deleted or controller().news(body):
         await controller().reconcile(namespace, owner)

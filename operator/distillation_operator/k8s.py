@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from distillation_operator import metrics
 from distillation_operator.api import PLURAL, VERSION
-from distillation_operator.builders.common import LABEL_NAME, MANAGED_BY, label_value
+from distillation_operator.builders.common import MANAGED_BY, MANAGED_SELECTOR
 from distillation_operator.reconcile import Event
 from distillation_runtime.spec import API_GROUP
 
@@ -71,48 +71,45 @@ class Cluster:
             )
         )
 
-    def owned(
-        self, resource: tuple[str, str, str], namespace: str, owner: Mapping[str, Any]
-    ) -> list[dict[str, Any]]:
-        """Children of ``owner`` (by label, then by controller reference uid)."""
-        group, version, plural = resource
-        selector = f"{LABEL_NAME}={label_value(owner['metadata']['name'])}"
-        found = _missing_ok(
-            lambda: self.custom.list_namespaced_custom_object(
-                group, version, namespace, plural, label_selector=selector
+    def managed_children(self, namespace: str) -> list[dict[str, Any]]:
+        """Every RayJob and InferenceService the operator made in ``namespace``."""
+        found: list[dict[str, Any]] = []
+        for kind, (group, version, plural) in KINDS.items():
+            listed = self.custom.list_namespaced_custom_object(
+                group, version, namespace, plural, label_selector=MANAGED_SELECTOR
             )
-        )
-        uid = owner["metadata"]["uid"]
-        items: list[dict[str, Any]] = found.get("items", []) if isinstance(found, dict) else []
-        return [
-            item
-            for item in items
-            if any(ref.get("uid") == uid for ref in item["metadata"].get("ownerReferences", []))
-        ]
+            items = listed.get("items", []) if isinstance(listed, dict) else []
+            found += [item | {"kind": kind} for item in items]
+        return found
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, obj: Mapping[str, Any]) -> None:
-        """Create a child; one that exists already (a retried reconcile) is left alone."""
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create a child and return it; None when it exists already (a retried reconcile)."""
         group, version, plural = KINDS[obj["kind"]]
         namespace = obj["metadata"]["namespace"]
         try:
-            self.custom.create_namespaced_custom_object(
+            created = self.custom.create_namespaced_custom_object(
                 group, version, namespace, plural, dict(obj)
             )
             _wrote(f"create {obj['kind']}")
+            return created if isinstance(created, dict) else None
         except ApiException as err:
             if err.status != 409:
                 raise
+            return None
 
-    def update_spec(self, obj: Mapping[str, Any]) -> None:
-        """Replace a child's spec (merge patch of the whole spec object)."""
+    def update_spec(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace a child's spec (merge patch of the whole spec object); the updated child."""
         group, version, plural = KINDS[obj["kind"]]
         meta = obj["metadata"]
-        self.custom.patch_namespaced_custom_object(
+        updated = self.custom.patch_namespaced_custom_object(
             group, version, meta["namespace"], plural, meta["name"], {"spec": obj["spec"]}
         )
         _wrote(f"patch {obj['kind']}")
+        if not isinstance(updated, dict):
+            raise TypeError(f"patching {meta['name']} returned {type(updated).__name__}")
+        return updated
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         group, version, plural = KINDS[kind]
@@ -123,14 +120,16 @@ class Cluster:
         )
         _wrote(f"delete {kind}")
 
-    def suspend_rayjob(self, namespace: str, name: str, suspend: bool) -> None:
+    def suspend_rayjob(self, namespace: str, name: str, suspend: bool) -> dict[str, Any] | None:
+        """Set a RayJob's spec.suspend; the updated RayJob (None if it is gone)."""
         group, version, plural = RAYJOB
-        _missing_ok(
+        updated = _missing_ok(
             lambda: self.custom.patch_namespaced_custom_object(
                 group, version, namespace, plural, name, {"spec": {"suspend": suspend}}
             )
         )
         _wrote("patch RayJob")
+        return dict(updated) if isinstance(updated, dict) else None
 
     def patch_status(
         self, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any]
