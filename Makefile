@@ -99,9 +99,12 @@ unit: venv ## Unit tests only (pure, fast).
 cluster: venv tools upstream-crds ## Cluster tests only (a real API server, Helm, RBAC).
 	$(BIN)/pytest tests/cluster
 
-.PHONY: test
-test: lint tools upstream-crds ## The full check CI runs: lint, then every test (unit and cluster).
+.PHONY: test check
+check: lint tools upstream-crds ## The developer loop: lint, then unit, stage and cluster tests.
 	$(BIN)/pytest
+
+# What CI runs (.ci/run): everything, each part in the environment it needs.
+test: check test-quantize test-images ## Everything: check, the quantize tests (own env), the images.
 
 .PHONY: images
 images: ## Build the operator, runtime and quantize images into dist/images/ (OCI archives).

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from distillation_runtime import __version__
 from distillation_runtime.plan import COMPLETION_MARKER, make_plan
 from distillation_runtime.spec import PipelineSpec, SpecError, dump_spec, load_pipeline_spec
 from distillation_runtime.yamlio import dump_yaml
@@ -118,6 +119,7 @@ def run_one(name: str, path: Path | None, variable: str | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="LLM knowledge distillation.")
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser(
         "validate", help="check a spec and print it with every default filled in"
