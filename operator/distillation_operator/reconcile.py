@@ -414,21 +414,33 @@ def _stop_stale(ctx: _Context) -> None:
             )
 
 
+FINAL_METRICS_FROM: dict[StageName, tuple[str, ...]] = {
+    StageName.QUANTIZE: ("scheme", "sizeBytesBefore", "sizeBytesAfter", "compression"),
+    StageName.PRUNE: ("teacherParameters", "studentParameters"),
+}
+
+
 def _final_metrics(ctx: _Context, stages: list[StageStatus]) -> dict[str, str] | None:
-    """Retention, gate and scores of the final evaluation (quantised when quantised)."""
+    """The final evaluation (of the quantised student when quantised): scores, retention and
+    gate; plus the unquantised retention, the scheme and sizes, and the parameter counts and
+    their ratio when the student was pruned."""
     by_name = {s.name: s for s in stages}
     final = by_name.get(StageName.EVALUATE_QUANTIZED.value) or by_name.get(StageName.EVALUATE.value)
     if final is None or final.metrics is None:
         return None
     metrics = dict(final.metrics)
-    for source, prefix in ((StageName.EVALUATE, "unquantized."), (StageName.QUANTIZE, "")):
+    unquantized = by_name.get(StageName.EVALUATE.value)
+    quantized = final.name != StageName.EVALUATE.value
+    if quantized and unquantized and "retention" in (unquantized.metrics or {}):
+        metrics["unquantized.retention"] = (unquantized.metrics or {})["retention"]
+    for source, keys in FINAL_METRICS_FROM.items():
         record = by_name.get(source.value)
-        if record is not None and record.metrics and final.name != source.value:
-            for key in ("retention", "sizeBytesBefore", "sizeBytesAfter", "scheme"):
-                if key in record.metrics:
-                    metrics[f"{prefix}{key}" if source is StageName.EVALUATE else key] = (
-                        record.metrics[key]
-                    )
+        for key in keys:
+            if record is not None and record.metrics and key in record.metrics:
+                metrics[key] = record.metrics[key]
+    if "teacherParameters" in metrics and "studentParameters" in metrics:
+        teacher, student = int(metrics["teacherParameters"]), int(metrics["studentParameters"])
+        metrics["parameterRatio"] = format(teacher / max(student, 1), ".4g")
     return metrics
 
 

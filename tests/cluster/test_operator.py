@@ -160,7 +160,7 @@ def test_happy_path_every_stage_then_served(
     assert status(kube, name)["observedGeneration"] == 1
     assert status(kube, name)["progress"] == "0/6"
 
-    complete_stage(kube, pvc_root, "prune", {"parameters": 1000})
+    complete_stage(kube, pvc_root, "prune", {"teacherParameters": 4000, "studentParameters": 1000})
     complete_stage(kube, pvc_root, "generate", {"records": 90})
     complete_stage(kube, pvc_root, "train", {"steps": 12, "finalLoss": 0.5})
     complete_stage(kube, pvc_root, "evaluate", EVAL_METRICS | {"retention": 0.99})
@@ -191,6 +191,8 @@ def test_happy_path_every_stage_then_served(
     assert final["metrics"]["retention"] == "0.97"
     assert final["metrics"]["unquantized.retention"] == "0.99"
     assert final["metrics"]["gatePassed"] == "true"
+    assert final["metrics"]["parameterRatio"] == "4"
+    assert final["metrics"]["scheme"] == "W4A16"
     conditions = {c["type"]: c for c in final["conditions"]}
     for type_ in (
         "Pruned",
