@@ -292,6 +292,14 @@ def test_operator_killed_in_every_stage_runs_nothing_twice(
     for stage_name in ("generate", "train", "evaluate"):
         job = wait_job(kube, stage_name)
         wait_state(kube, name, stage_name, "Running")
+        # (Events are written after status: wait for this one so that the count below is exact.)
+        wait_for(
+            f"the StageStarted event of {stage_name}",
+            lambda s=stage_name: any(
+                e.reason == "StageStarted" and e.message.startswith(f"{s}:")
+                for e in kube.events(name)
+            ),
+        )
         operator.kill()
         running(kube, job["metadata"]["name"])
         operator.start()
@@ -324,7 +332,7 @@ def test_a_spec_edit_reruns_only_the_changed_stages(
     complete_stage(kube, pvc_root, "generate", {"records": 10})
     train = wait_job(kube, "train")
     running(kube, train["metadata"]["name"])
-    generate_before = stage(kube, name, "generate")
+    generate_before = wait_state(kube, name, "generate", "Succeeded")
     spec = copy.deepcopy(kube.distillation(name)["spec"])
     spec["train"]["learningRate"] = "3e-4"
     kube.patch_spec(name, {"train": spec["train"]})
