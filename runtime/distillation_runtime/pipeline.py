@@ -263,6 +263,7 @@ class Runner:
             "ignored": result.ignored,
             "sizeBytesBefore": result.size_bytes_before,
             "sizeBytesAfter": result.size_bytes_after,
+            "groupSize": result.group_size,
             "compression": round(result.compression, 3),
             "calibrationSamples": result.calibration_samples,
         }

@@ -138,3 +138,28 @@ def test_lm_head_stays_ignored_when_the_user_lists_other_modules(
     assert dtypes["lm_head.weight"] == "F32"
     assert dtypes["model.layers.0.mlp.down_proj.weight"] == "F32"
     assert dtypes["model.layers.1.mlp.down_proj.weight"] == "F8_E4M3"
+
+
+@pytest.mark.quantize
+def test_w4a16_on_widths_that_are_not_multiples_of_128(tmp_path: Path) -> None:
+    """A small pruned student (hidden 96): W4A16 picks a group size that divides every width
+    instead of failing inside GPTQ, records it, and the checkpoint reloads and generates."""
+    tokenizer = make_tokenizer()
+    size = ModelSize(hidden=96, intermediate=256, layers=2, heads=4, kv_heads=2)
+    folder = save_pretrained(make_model(tokenizer, size, seed=1), tokenizer, tmp_path / "student")
+    write_parquet(
+        gold_records(tokenizer, sample_examples("addition", 16, seed=1)), tmp_path / "train.parquet"
+    )
+    job = QuantizeJob(
+        model=str(folder),
+        output=str(tmp_path / "out"),
+        quantize=QuantizeSpec(scheme="W4A16", calibration_samples=16),
+        calibration=str(tmp_path / "train.parquet"),
+    )
+    result = run(job)
+    assert result.group_size == 32
+    config = json.loads((tmp_path / "out" / MODEL_DIR / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    assert next(iter(groups.values()))["weights"]["group_size"] == 32
+    _, tokens = reload_and_generate(tmp_path / "out" / MODEL_DIR)
+    assert len(tokens) == 4

@@ -89,6 +89,8 @@ class QuantizeResult:
     size_bytes_after: int
     calibration_samples: int
     seconds: float
+    group_size: int | None = None
+    """W4A16's weight group size (None for the per-channel schemes)."""
 
     @property
     def compression(self) -> float:
@@ -100,7 +102,42 @@ def ignored_modules(spec: QuantizeSpec) -> list[str]:
     return list(dict.fromkeys([ALWAYS_IGNORED, *spec.ignore]))
 
 
-def recipe(scheme: QuantScheme, ignore: list[str]) -> list[Any]:
+INT4_GROUP_SIZES = (128, 64, 32, 16)
+"""W4A16 shares one scale per group of input columns: 128 (llm-compressor's preset, what vLLM's
+Marlin kernels are tuned for) whenever every quantised layer's width allows it."""
+
+
+def int4_group_size(in_features: dict[str, int]) -> int:
+    """The largest group size that divides the input width of every quantised Linear layer.
+
+    Real models (widths that are multiples of 128) get 128; small or pruned models whose widths
+    are not get a smaller group instead of a crash deep inside GPTQ."""
+    for size in INT4_GROUP_SIZES:
+        if all(width % size == 0 for width in in_features.values()):
+            return size
+    odd = {name: width for name, width in in_features.items() if width % INT4_GROUP_SIZES[-1]}
+    raise ValueError(
+        f"spec.quantize.scheme W4A16 quantises weights in groups of {INT4_GROUP_SIZES[-1]} or more "
+        f"input columns, but these layers' widths are not multiples of "
+        f"{INT4_GROUP_SIZES[-1]}: {odd}; prune to multiples of 128 (student.prune) or use "
+        "FP8_DYNAMIC / W8A8 (per-channel)"
+    )
+
+
+def linear_widths(model: Any, ignore: list[str]) -> dict[str, int]:
+    """Input width of every Linear layer the recipe quantises (not the ignored ones)."""
+    import torch
+
+    return {
+        name: module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name not in ignore
+        and name.rsplit(".", 1)[-1] not in ignore
+    }
+
+
+def recipe(scheme: QuantScheme, ignore: list[str], group_size: int = 128) -> list[Any]:
     """llm-compressor modifiers for ``scheme`` (every Linear layer except ``ignore``)."""
     from llmcompressor.modifiers.quantization import (  # type: ignore[import-not-found, unused-ignore]
         GPTQModifier,
@@ -113,7 +150,22 @@ def recipe(scheme: QuantScheme, ignore: list[str]) -> list[Any]:
     if scheme is QuantScheme.FP8_DYNAMIC:
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)]
     if scheme is QuantScheme.W4A16:
-        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore)]
+        from compressed_tensors.quantization import (  # type: ignore[import-not-found, unused-ignore]
+            QuantizationArgs,
+            QuantizationScheme,
+        )
+
+        # llm-compressor's W4A16 preset with the group size the model's widths allow.
+        weights = QuantizationArgs(
+            num_bits=4,
+            type="int",
+            strategy="group",
+            group_size=group_size,
+            symmetric=True,
+            dynamic=False,
+        )
+        groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+        return [GPTQModifier(config_groups=groups, ignore=ignore)]
     if scheme is QuantScheme.W8A8:
         return [
             SmoothQuantModifier(smoothing_strength=0.8),
@@ -168,7 +220,10 @@ def run(job: QuantizeJob) -> QuantizeResult:
 
     model = AutoModelForCausalLM.from_pretrained(job.model, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(job.model)
-    oneshot(model=model, recipe=recipe(spec.scheme, ignore), **data)
+    group_size = (
+        int4_group_size(linear_widths(model, ignore)) if spec.scheme is QuantScheme.W4A16 else None
+    )
+    oneshot(model=model, recipe=recipe(spec.scheme, ignore, group_size or 128), **data)
     model.save_pretrained(output / MODEL_DIR, save_compressed=True)
     tokenizer.save_pretrained(output / MODEL_DIR)
 
@@ -182,6 +237,7 @@ def run(job: QuantizeJob) -> QuantizeResult:
         size_bytes_after=folder_bytes(output / MODEL_DIR),
         calibration_samples=len(rows),
         seconds=round(time.perf_counter() - started, 3),
+        group_size=group_size,
     )
     (output / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
