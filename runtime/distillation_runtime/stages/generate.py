@@ -227,11 +227,22 @@ def _generate_ray_data(
     order = {p.text: i for i, p in enumerate(prompts)}
     rows = []
     for row in dataset.iter_rows():
-        fields = {name: row[name] for name in _COLUMNS if name != "split"}
-        record = Record(**{k: _plain(v) for k, v in fields.items()})
+        fields = {name: _plain(row[name]) for name in _COLUMNS if name != "split"}
+        for name in _TEXT_OR_MISSING:
+            fields[name] = text_or_none(fields[name])
+        record = Record(**fields)
         rows.append((str(row["split"]), record))
     rows.sort(key=lambda pair: order[pair[1].prompt])  # stable: samples keep their order
     return rows
+
+
+_TEXT_OR_MISSING = ("reference", "finish_reason")
+"""Optional text columns: Ray Data may hand a column of missing values back as NaN floats."""
+
+
+def text_or_none(value: Any) -> str | None:
+    """A text value, or None for a missing one (None, or NaN after a trip through Ray Data)."""
+    return value if isinstance(value, str) else None
 
 
 def _plain(value: Any) -> Any:
