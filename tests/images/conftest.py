@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from support.cluster import ControlPlane, control_plane, require_tools
 from support.images import Image, chart_images, loaded, podman
 
 DESELECTED = pytest.StashKey[int]()
@@ -59,30 +58,6 @@ def runtime_image(images: dict[str, Image]) -> Image:
 @pytest.fixture(scope="session")
 def quantize_image(images: dict[str, Image]) -> Image:
     return loaded(images["quantize"])
-
-
-@pytest.fixture(scope="session")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    require_tools()
-    with control_plane(tmp_path_factory.mktemp("controlplane")) as running:
-        yield running
-
-
-@pytest.fixture(scope="session")
-def api(plane: ControlPlane) -> Any:
-    return plane.api_client()
-
-
-@pytest.fixture
-def namespace(plane: ControlPlane, api: Any) -> Iterator[str]:
-    """A namespace of the test's own, deleted afterwards (without waiting)."""
-    from kubernetes import client
-
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    core = client.CoreV1Api(api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    yield name
-    core.delete_namespace(name)
 
 
 @pytest.fixture

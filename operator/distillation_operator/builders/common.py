@@ -75,3 +75,17 @@ def child_metadata(
         "labels": labels(body["metadata"]["name"], component) | (extra_labels or {}),
         "ownerReferences": [owner_reference(body)],
     }
+
+
+def container_resources(
+    cpu: str | None, memory: str | None, gpus: int | None, gpu_resource: str
+) -> dict[str, Any]:
+    """requests == limits (Guaranteed QoS for GPU pods); GPUs only when asked for."""
+    amounts: dict[str, Any] = {}
+    if cpu:
+        amounts["cpu"] = cpu
+    if memory:
+        amounts["memory"] = memory
+    if gpus:
+        amounts[gpu_resource] = gpus
+    return {"requests": dict(amounts), "limits": dict(amounts)}

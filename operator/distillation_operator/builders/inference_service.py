@@ -13,7 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from distillation_operator.api import DistillationSpec, ServeSpec
-from distillation_operator.builders.common import Images, child_metadata, fit_name
+from distillation_operator.builders.common import (
+    Images,
+    child_metadata,
+    container_resources,
+    fit_name,
+)
 
 MODEL_DIR = "/mnt/models"
 SERVING_PORT = 8080
@@ -65,13 +70,6 @@ def build_inference_service(
     """The InferenceService serving the model at ``model_uri`` (the final student's folder)."""
     serve = spec.serve or ServeSpec()
     name = inference_service_name(body["metadata"]["name"])
-    amounts: dict[str, Any] = {}
-    if serve.cpu:
-        amounts["cpu"] = serve.cpu
-    if serve.memory:
-        amounts["memory"] = serve.memory
-    if serve.gpus:
-        amounts[spec.placement.gpu_resource_name] = serve.gpus
     env: list[dict[str, Any]] = [{"name": "STORAGE_URI", "value": model_uri}]
     if spec.secrets is not None and spec.secrets.hugging_face_token is not None:
         token = spec.secrets.hugging_face_token
@@ -88,7 +86,9 @@ def build_inference_service(
         "args": vllm_args(serve, body["metadata"]["name"]),
         "env": env,
         "ports": [{"containerPort": SERVING_PORT, "protocol": "TCP"}],
-        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "resources": container_resources(
+            serve.cpu, serve.memory, serve.gpus, spec.placement.gpu_resource_name
+        ),
     }
     predictor: dict[str, Any] = {
         "minReplicas": serve.replicas,

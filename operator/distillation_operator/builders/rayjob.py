@@ -20,6 +20,7 @@ from distillation_operator.builders.common import (
     LABEL_STAGE,
     Images,
     child_metadata,
+    container_resources,
     fit_name,
 )
 from distillation_runtime.plan import Plan, StageName
@@ -91,18 +92,6 @@ def stage_image(spec: DistillationSpec, stage: StageName, images: Images) -> str
     return spec.placement.image or images.runtime
 
 
-def container_resources(resources: Resources, gpu_resource: str) -> dict[str, Any]:
-    """requests == limits (Guaranteed QoS for GPU pods); GPUs only when asked for."""
-    amounts: dict[str, Any] = {}
-    if resources.cpu:
-        amounts["cpu"] = resources.cpu
-    if resources.memory:
-        amounts["memory"] = resources.memory
-    if resources.gpus:
-        amounts[gpu_resource] = resources.gpus
-    return {"requests": dict(amounts), "limits": dict(amounts)}
-
-
 def secret_env(spec: DistillationSpec) -> list[dict[str, Any]]:
     """Hub token and object-store keys as ``secretKeyRef`` variables (never their values)."""
     env: list[dict[str, Any]] = []
@@ -142,7 +131,9 @@ def pod_template(
     main: dict[str, Any] = {
         "name": container,
         "image": image,
-        "resources": container_resources(resources, placement.gpu_resource_name),
+        "resources": container_resources(
+            resources.cpu, resources.memory, resources.gpus, placement.gpu_resource_name
+        ),
         "env": env,
     }
     pod: dict[str, Any] = {"containers": [main]}
