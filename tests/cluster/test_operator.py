@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from distillation_operator.api import DistillationStatus
 from support.cluster import ControlPlane
 from support.operator import (
     Kube,
@@ -192,6 +193,10 @@ def test_happy_path_every_stage_then_served(
     assert final["metrics"]["unquantized.retention"] == "0.99"
     assert final["metrics"]["gatePassed"] == "true"
     assert final["metrics"]["parameterRatio"] == "4"
+    modelled = set(DistillationStatus.model_json_schema(by_alias=True)["properties"])
+    assert set(final) <= modelled  # kopf keeps its bookkeeping out of status ...
+    annotations = kube.distillation(name)["metadata"]["annotations"]
+    assert "distillation.dev/last-handled-configuration" in annotations  # ... in annotations
     assert final["metrics"]["scheme"] == "W4A16"
     conditions = {c["type"]: c for c in final["conditions"]}
     for type_ in (
