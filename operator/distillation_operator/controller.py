@@ -143,6 +143,15 @@ class Controller:
             delay, lambda: asyncio.ensure_future(self.reconcile(*key))
         )
 
+    def child_gone(self, child: Mapping[str, Any]) -> None:
+        """A child was deleted: drop what the operator remembered of it (cache, gauges)."""
+        meta = child.get("metadata", {})
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        self.children.observe(child, deleted=True)
+        self.seen.pop(key, None)
+        if self.job_states.pop(key, None) is not None:
+            self._update_gauges()
+
     def forget(self, namespace: str, name: str) -> None:
         """The Distillation is gone: drop its timers and gauges (children go by GC)."""
         key = (namespace, name)

@@ -80,10 +80,12 @@ async def distillation_changed(namespace: str | None, name: str, **_: Any) -> No
     await controller().reconcile(namespace or "", name)
 
 
-@kopf.on.delete(API_GROUP, VERSION, PLURAL, optional=True)
-def distillation_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    """Children go with ownerReferences; the operator only forgets its timers."""
-    controller().forget(namespace or "", name)
+@kopf.on.event(API_GROUP, VERSION, PLURAL)
+async def distillation_event(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+    """Gone from the API: forget its timers and gauges. (Its children go by ownerReferences, so
+    the operator needs no finalizer and never blocks a deletion.)"""
+    if type == "DELETED":
+        controller().forget(namespace or "", name)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)
@@ -93,8 +95,12 @@ async def child_changed(type: str | None, body: kopf.Body, namespace: str | None
     owner unless the change is one the last reconcile already saw (e.g. its own creation).
 
     ``body`` is the newest state (kopf merges a burst of events into one call)."""
+    child = copy.deepcopy(dict(body))
     deleted = type == "DELETED"
-    controller().children.observe(copy.deepcopy(dict(body)), deleted=deleted)
+    if deleted:
+        controller().child_gone(child)
+    else:
+        controller().children.observe(child)
     owner = controller_owner(body)
     if owner is None or not namespace:
         return

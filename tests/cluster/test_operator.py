@@ -453,3 +453,13 @@ def test_deleting_collects_children_and_keeps_artifacts(
     kube.delete_distillation(name)
     wait_for("the RayJobs collected", lambda: kube.rayjobs() == [], timeout=90)
     assert (artifact / "_COMPLETE").exists()
+
+    # and the operator's gauges no longer count them or it
+    def counted() -> list[str]:
+        prefixes = ("distillation_rayjobs{", "distillation_distillations{")
+        return [line for line in operator.metrics().splitlines() if line.startswith(prefixes)]
+
+    deadline = time.monotonic() + 30
+    while counted() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counted() == []
