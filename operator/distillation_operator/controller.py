@@ -18,7 +18,7 @@ from typing import Any
 
 from distillation_operator import metrics
 from distillation_operator.artifacts import read_artifacts
-from distillation_operator.builders.common import Images
+from distillation_operator.builders.common import ANNOTATION_ARTIFACT, Images
 from distillation_operator.builders.inference_service import inference_service_name
 from distillation_operator.cache import ChildCache
 from distillation_operator.k8s import Cluster
@@ -73,7 +73,7 @@ def artifacts_to_read(body: Mapping[str, Any], rayjobs: Sequence[Mapping[str, An
     }
     uris = []
     for job in rayjobs:
-        uri = (job.get("metadata", {}).get("annotations") or {}).get("distillation.dev/artifact")
+        uri = (job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ARTIFACT)
         if uri and uri not in recorded:
             uris.append(uri)
     return uris + _planned_artifacts(body, recorded)

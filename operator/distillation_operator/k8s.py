@@ -17,7 +17,11 @@ from kubernetes.client.exceptions import ApiException
 
 from distillation_operator import metrics
 from distillation_operator.api import PLURAL, VERSION
-from distillation_operator.builders.common import MANAGED_BY, MANAGED_SELECTOR
+from distillation_operator.builders.common import (
+    ANNOTATION_SPEC_HASH,
+    MANAGED_BY,
+    MANAGED_SELECTOR,
+)
 from distillation_operator.reconcile import Event
 from distillation_runtime.spec import API_GROUP
 
@@ -100,11 +104,27 @@ class Cluster:
             return None
 
     def update_spec(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Replace a child's spec (merge patch of the whole spec object); the updated child."""
+        """Replace a child's spec and its spec-hash annotation (a JSON patch: fields the new
+        spec no longer has are removed, other annotations stay); the updated child."""
         group, version, plural = KINDS[obj["kind"]]
         meta = obj["metadata"]
+        key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
+        operations = [
+            {"op": "replace", "path": "/spec", "value": obj["spec"]},
+            {
+                "op": "add",
+                "path": f"/metadata/annotations/{key}",
+                "value": meta["annotations"][ANNOTATION_SPEC_HASH],
+            },
+        ]
         updated = self.custom.patch_namespaced_custom_object(
-            group, version, meta["namespace"], plural, meta["name"], {"spec": obj["spec"]}
+            group,
+            version,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            operations,
+            _content_type="application/json-patch+json",
         )
         _wrote(f"patch {obj['kind']}")
         if not isinstance(updated, dict):

@@ -35,6 +35,7 @@ from distillation_operator.api import (
 )
 from distillation_operator.builders.common import (
     ANNOTATION_FINGERPRINT,
+    ANNOTATION_SPEC_HASH,
     LABEL_ATTEMPT,
     LABEL_STAGE,
     Images,
@@ -470,7 +471,8 @@ def _serving(
     if observed is None:
         ctx.actions.create.append(desired)
         return ServingStatus(inference_service=name), False
-    if observed.get("spec") != desired["spec"]:
+    written = (observed.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+    if written != desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
         ctx.actions.apply.append(desired)
         return ServingStatus(inference_service=name), False
     conditions = (observed.get("status") or {}).get("conditions") or []

@@ -178,6 +178,15 @@ def test_happy_path_every_stage_then_served(
     assert storage == stage(kube, name, "quantize")["artifact"] + "/model"
     assert "affinity" in predictor  # INT4 needs compute capability 8.0+
     wait_condition(kube, name, "Ready", "False", "Serving")
+    # KServe's webhook defaults fields of the spec it stores; that is not a change to undo
+    kube.custom.patch_namespaced_custom_object(
+        "serving.kserve.io",
+        "v1beta1",
+        kube.namespace,
+        "inferenceservices",
+        service["metadata"]["name"],
+        {"spec": {"predictor": {"timeout": 60}}},
+    )
     kube.set_inference_service_ready(service["metadata"]["name"], "http://happy.test")
 
     ready = wait_condition(kube, name, "Ready", "True", "Served")
@@ -222,6 +231,15 @@ def test_happy_path_every_stage_then_served(
     assert reasons.count("StageStarted") == 6
     assert reasons.count("StageSucceeded") == 6
     assert "Served" in reasons
+    # the defaulted field was left alone: nothing was re-applied over it
+    assert kube.inference_services()[0]["spec"]["predictor"]["timeout"] == 60
+    # an edit of serve (no stage changes) updates the InferenceService in place
+    kube.patch_spec(name, {"serve": {"gpus": 1, "replicas": 3}})
+    wait_for(
+        "the InferenceService updated",
+        lambda: kube.inference_services()[0]["spec"]["predictor"]["minReplicas"] == 3,
+    )
+    assert len(kube.rayjobs()) == 6
     text = operator.metrics()
     assert 'distillation_reconciles_total{outcome="ok"}' in text
     assert 'distillation_distillations{phase="Succeeded"} 1.0' in text

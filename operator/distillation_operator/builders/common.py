@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,9 @@ LABEL_STAGE = f"{API_GROUP}/stage"
 LABEL_ATTEMPT = f"{API_GROUP}/attempt"
 ANNOTATION_FINGERPRINT = f"{API_GROUP}/fingerprint"
 ANNOTATION_ARTIFACT = f"{API_GROUP}/artifact"
+ANNOTATION_SPEC_HASH = f"{API_GROUP}/spec-hash"
+"""Hash of the spec the operator wrote: servers and webhooks add defaults to a child's spec, so
+"is it what we want" compares this, never the spec itself."""
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 """Label selector of every child the operator creates (what it watches)."""
 
@@ -89,3 +93,9 @@ def container_resources(
     if gpus:
         amounts[gpu_resource] = gpus
     return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def spec_hash(spec: Any) -> str:
+    """A short hash of a child's desired spec (canonical JSON)."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -14,10 +14,12 @@ from typing import Any
 
 from distillation_operator.api import DistillationSpec, ServeSpec
 from distillation_operator.builders.common import (
+    ANNOTATION_SPEC_HASH,
     Images,
     child_metadata,
     container_resources,
     fit_name,
+    spec_hash,
 )
 
 MODEL_DIR = "/mnt/models"
@@ -103,9 +105,12 @@ def build_inference_service(
         ]
     if min_compute_capability and serve.gpus:
         predictor["affinity"] = compute_capability_affinity(min_compute_capability)
+    spec_ = {"predictor": predictor}
+    metadata = child_metadata(body, name, "serve")
+    metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(spec_)}
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": child_metadata(body, name, "serve"),
-        "spec": {"predictor": predictor},
+        "metadata": metadata,
+        "spec": spec_,
     }
