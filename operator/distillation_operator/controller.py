@@ -18,11 +18,17 @@ from typing import Any
 
 from distillation_operator import metrics
 from distillation_operator.artifacts import read_artifacts
-from distillation_operator.builders.common import ANNOTATION_ARTIFACT, Images
+from distillation_operator.builders.common import Images
 from distillation_operator.builders.inference_service import inference_service_name
 from distillation_operator.cache import ChildCache
 from distillation_operator.k8s import Cluster
-from distillation_operator.reconcile import Actions, Observed, parse_job, reconcile
+from distillation_operator.reconcile import (
+    Actions,
+    Observed,
+    artifacts_to_probe,
+    parse_job,
+    reconcile,
+)
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -62,32 +68,6 @@ def controller_owner(obj: Mapping[str, Any]) -> str | None:
         if ref.get("kind") == "Distillation" and ref.get("controller"):
             return str(ref["name"])
     return None
-
-
-def artifacts_to_read(body: Mapping[str, Any], rayjobs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Artifacts whose manifests reconcile may need: every stage without recorded metrics."""
-    recorded = {
-        s.get("artifact")
-        for s in (body.get("status") or {}).get("stages") or []
-        if s.get("state") == "Succeeded" and s.get("metrics")
-    }
-    uris = []
-    for job in rayjobs:
-        uri = (job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ARTIFACT)
-        if uri and uri not in recorded:
-            uris.append(uri)
-    return uris + _planned_artifacts(body, recorded)
-
-
-def _planned_artifacts(body: Mapping[str, Any], recorded: set[Any]) -> list[str]:
-    from distillation_operator.api import DistillationSpec
-    from distillation_runtime.plan import make_plan
-
-    try:
-        plan = make_plan(DistillationSpec.model_validate(body.get("spec") or {}).pipeline())
-    except ValueError:
-        return []
-    return [plan.artifact(s.name) for s in plan.stages if plan.artifact(s.name) not in recorded]
 
 
 @dataclass
@@ -171,7 +151,7 @@ class Controller:
         services = self.children.owned(namespace, "InferenceService", uid)
         service_name = inference_service_name(name)
         service = next((s for s in services if s["metadata"]["name"] == service_name), None)
-        artifacts = read_artifacts(artifacts_to_read(body, rayjobs))
+        artifacts = read_artifacts(artifacts_to_probe(body, rayjobs))
         observed = Observed(body, rayjobs, service, artifacts, datetime.now(UTC))
         actions = reconcile(observed, self.images)
         for child in [*rayjobs, *([service] if service else []), *actions.create, *actions.apply]:

@@ -481,6 +481,41 @@ def _serving(
     return ServingStatus(inference_service=name, url=url, ready=ready), ready
 
 
+def artifacts_to_probe(body: Mapping[str, Any], rayjobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The artifacts whose manifests this reconcile can use, so storage is read only then:
+    a stage whose RayJob succeeded but whose metrics are not recorded yet, and a stage about to
+    start (inputs done, no RayJob yet) that may already be complete (reused, no RayJob needed).
+    Running stages are KubeRay's to report; finished ones are in status."""
+    try:
+        plan = make_plan(DistillationSpec.model_validate(body.get("spec") or {}).pipeline())
+    except ValueError:
+        return []
+    records = {
+        (s.get("name"), s.get("fingerprint")): s
+        for s in (body.get("status") or {}).get("stages") or []
+    }
+    jobs = [j for j in (parse_job(o) for o in rayjobs) if j is not None]
+    done = {
+        name
+        for (name, fingerprint), record in records.items()
+        if record.get("state") == StageState.SUCCEEDED.value
+        and any(s.name.value == name and s.fingerprint == fingerprint for s in plan.stages)
+    }
+    uris = []
+    for stage in plan.stages:
+        record = records.get((stage.name.value, stage.fingerprint), {})
+        if record.get("state") == StageState.SUCCEEDED.value and record.get("metrics"):
+            continue
+        mine = [
+            j for j in jobs if j.stage == stage.name.value and j.fingerprint == stage.fingerprint
+        ]
+        succeeded = any(j.succeeded for j in mine)
+        ready = not mine and all(i.value in done for i in stage.inputs)
+        if succeeded or ready or stage.name.value in done:
+            uris.append(plan.artifact(stage.name))
+    return uris
+
+
 def feasibility_problems(spec: DistillationSpec) -> list[str]:
     """What the schema allows but no cluster can run (reported, never retried)."""
     problems = []

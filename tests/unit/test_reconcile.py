@@ -17,7 +17,13 @@ from distillation_operator.builders.rayjob import (
     build_rayjob,
     rayjob_name,
 )
-from distillation_operator.reconcile import Artifact, Observed, reconcile, retry_delay
+from distillation_operator.reconcile import (
+    Artifact,
+    Observed,
+    artifacts_to_probe,
+    reconcile,
+    retry_delay,
+)
 from distillation_runtime.cli import main as distill
 from distillation_runtime.plan import StageName, make_plan
 from distillation_runtime.spec import load_pipeline_spec
@@ -245,3 +251,17 @@ def test_a_spec_the_cluster_cannot_run_is_stalled_without_children() -> None:
     assert ready["reason"] == "InvalidSpec"
     assert "spec.quantize" in ready["message"]
     assert [e.reason for e in actions.events] == ["InvalidSpec"]
+
+
+def test_storage_is_read_only_for_stages_that_can_use_it() -> None:
+    obj = body()
+    spec = DistillationSpec.model_validate(obj["spec"])
+    plan = make_plan(spec.pipeline())
+    generate, train = plan.artifact(StageName.GENERATE), plan.artifact(StageName.TRAIN)
+    assert artifacts_to_probe(obj, []) == [generate]  # may be reusable; train waits for it
+    job = step(obj, []).create[0]
+    assert artifacts_to_probe(obj, [job_status(job, jobDeploymentStatus="Running")]) == []
+    done = job_status(job, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    assert artifacts_to_probe(obj, [done]) == [generate]  # its metrics
+    step(obj, [done], artifacts={generate: Artifact(manifest={"metrics": {"records": 1}})})
+    assert artifacts_to_probe(obj, [done]) == [train]  # generate recorded; train about to start
