@@ -86,45 +86,34 @@ else
 	log "built testcluster in $(elapsed "$t0")"
 fi
 
-# --- helm ----------------------------------------------------------------------
-helm_dir="$tools/helm-$HELM_VERSION"
-if [[ -x "$helm_dir/helm" ]]; then
-	log "helm $HELM_VERSION present"
-else
-	log "building helm $HELM_VERSION..."
+# --- go-installed tools, one folder per version ------------------------------------
+# go_install_once NAME DIR BINARY LDFLAGS PACKAGE@VERSION: `go install` into DIR unless
+# DIR/BINARY is there (a version is immutable, so present means done).
+go_install_once() {
+	local name=$1 dir=$2 binary=$3 flags=$4 package=$5 t0 tmpdir
+	if [[ -x "$dir/$binary" ]]; then
+		log "$name present"
+		return
+	fi
+	log "building $name..."
 	t0=$(date +%s)
-	tmpdir="$tools/.helm-$HELM_VERSION.tmp.$$"
+	tmpdir="$dir.tmp.$$"
 	rm -rf "$tmpdir"
 	trap 'rm -rf "$tmpdir"' EXIT
 	mkdir -p "$tmpdir"
-	hv=helm.sh/helm/v4/internal/version
-	GOBIN="$tmpdir" go install -trimpath \
-		-ldflags "-s -w -X $hv.version=$HELM_VERSION -X $hv.metadata= -X $hv.gitTreeState=clean" \
-		"helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
-	rm -rf "$helm_dir"
-	mv "$tmpdir" "$helm_dir"
+	GOBIN="$tmpdir" go install -trimpath -ldflags "$flags" "$package"
+	rm -rf "$dir"
+	mv "$tmpdir" "$dir"
 	trap - EXIT
-	log "built helm in $(elapsed "$t0")"
-fi
+	log "built $name in $(elapsed "$t0")"
+}
 
-# --- kuberay-operator -----------------------------------------------------------
-kuberay_dir="$tools/kuberay-$KUBERAY_VERSION"
-if [[ -x "$kuberay_dir/ray-operator" ]]; then
-	log "kuberay-operator $KUBERAY_VERSION present"
-else
-	log "building kuberay-operator $KUBERAY_VERSION..."
-	t0=$(date +%s)
-	tmpdir="$tools/.kuberay-$KUBERAY_VERSION.tmp.$$"
-	rm -rf "$tmpdir"
-	trap 'rm -rf "$tmpdir"' EXIT
-	mkdir -p "$tmpdir"
-	GOBIN="$tmpdir" go install -trimpath -ldflags "-s -w" \
-		"github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION"
-	rm -rf "$kuberay_dir"
-	mv "$tmpdir" "$kuberay_dir"
-	trap - EXIT
-	log "built kuberay-operator in $(elapsed "$t0")"
-fi
+hv=helm.sh/helm/v4/internal/version
+go_install_once "helm $HELM_VERSION" "$tools/helm-$HELM_VERSION" helm \
+	"-s -w -X $hv.version=$HELM_VERSION -X $hv.metadata= -X $hv.gitTreeState=clean" \
+	"helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+go_install_once "kuberay-operator $KUBERAY_VERSION" "$tools/kuberay-$KUBERAY_VERSION" ray-operator \
+	"-s -w" "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION"
 
 # --- bin/ ------------------------------------------------------------------------
 # kubectl is the testcluster binary invoked under the name "kubectl".
