@@ -67,13 +67,13 @@ for ref in "$runtime_ref" "$quantize_ref"; do
 done
 [ -n "$operator_repo" ] || die "values.yaml has no image.repository"
 
-# name -> dockerfile, repository, tag, flavor
+# name -> dockerfile, repository, tag, flavor, IMAGE build argument (- for none)
 image_spec() {
   case "$1" in
-    operator) echo "operator $operator_repo $version -" ;;
-    runtime) echo "runtime ${runtime_ref%:*} $version cuda" ;;
-    runtime-cpu) echo "runtime ${runtime_ref%:*} $version-cpu cpu" ;;
-    quantize) echo "quantize ${quantize_ref%:*} $version cuda" ;;
+    operator) echo "operator $operator_repo $version - -" ;;
+    runtime) echo "runtime ${runtime_ref%:*} $version cuda runtime" ;;
+    runtime-cpu) echo "runtime ${runtime_ref%:*} $version-cpu cpu runtime" ;;
+    quantize) echo "runtime ${quantize_ref%:*} $version cuda quantize" ;;
     *) die "unknown image '$1': operator, runtime, runtime-cpu or quantize" ;;
   esac
 }
@@ -252,12 +252,12 @@ forget_older() {
 }
 
 build_daemonless() {
-  local name=$1 dockerfile ref_repo tag flavor
-  read -r dockerfile ref_repo tag flavor <<<"$(image_spec "$name")"
+  local name=$1 dockerfile ref_repo tag flavor variant
+  read -r dockerfile ref_repo tag flavor variant <<<"$(image_spec "$name")"
   local file="images/$dockerfile/Dockerfile" ref="$ref_repo:$tag"
   local archive_name="${ref_repo##*/}-$tag.oci.tar"
   local key
-  key=$(inputs_key "$file" "base=$base_id" "flavor=$flavor" "version=$version" "uv=$uv_version")
+  key=$(inputs_key "$file" "base=$base_id" "flavor=$flavor" "image=$variant" "version=$version" "uv=$uv_version")
   local cached="$cache/images/archives/${ref_repo##*/}-$tag-$key.oci.tar"
   local started=$SECONDS
   mkdir -p "$cache/images/archives" "$out"
@@ -278,6 +278,7 @@ build_daemonless() {
       --build-arg "BASE=$base_id" --build-arg "VERSION=$version" --build-arg "UV_VERSION=$uv_version"
       --build-arg "UV_CACHE_DIR=/host-uv-cache" -v "$(host_uv_cache):/host-uv-cache")
     [ "$flavor" = "-" ] || args+=(--build-arg "FLAVOR=$flavor")
+    [ "$variant" = "-" ] || args+=(--build-arg "IMAGE=$variant")
     local cert
     cert=$(host_pip_cert)
     if [ -n "$cert" ]; then
@@ -297,10 +298,11 @@ build_daemonless() {
 }
 
 build_docker() {
-  local name=$1 dockerfile ref_repo tag flavor
-  read -r dockerfile ref_repo tag flavor <<<"$(image_spec "$name")"
+  local name=$1 dockerfile ref_repo tag flavor variant
+  read -r dockerfile ref_repo tag flavor variant <<<"$(image_spec "$name")"
   local ref="$ref_repo:$tag" started=$SECONDS args=(--build-arg "VERSION=$version" --build-arg "UV_VERSION=$uv_version")
   [ "$flavor" = "-" ] || args+=(--build-arg "FLAVOR=$flavor")
+  [ "$variant" = "-" ] || args+=(--build-arg "IMAGE=$variant")
   log "$ref: docker build images/$dockerfile/Dockerfile"
   DOCKER_BUILDKIT=1 docker build "${args[@]}" -f "$repo/images/$dockerfile/Dockerfile" -t "$ref" "$repo" >&2
   mkdir -p "$out"
