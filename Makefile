@@ -45,7 +45,7 @@ manifests: venv ## Regenerate crds/ and the chart's CRD template from the API mo
 	$(BIN)/python -m distillation_operator.crdgen
 
 .PHONY: lint
-lint: venv ## ruff, mypy (strict) and the layer rules of DESIGN.md.
+lint: venv ## ruff, mypy (strict) and the layer rules of docs/design.md.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

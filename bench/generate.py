@@ -16,14 +16,14 @@ import os
 import sys
 import time
 
-from distillation_runtime.generation import SamplingConfig, generate
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ModelSize,
     make_model,
     make_tokenizer,
     parameter_count,
     sample_examples,
 )
+from distillation_runtime.generation import SamplingConfig, generate
 
 MODEL = ModelSize(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=4, max_positions=128)
 

@@ -22,15 +22,15 @@ def main() -> int:
     if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
         print(json.dumps({"bench": "gpu_check", "skipped": "needs a GPU and the vllm package"}))
         return 0
-    from distillation_runtime.spec import GenerateSpec
-    from distillation_runtime.stages.generate import PromptItem, run
-    from distillation_runtime.toy import (
+    from distillation_runtime.demo import (
         ModelSize,
         make_model,
         make_tokenizer,
         sample_examples,
         save_pretrained,
     )
+    from distillation_runtime.spec import GenerateSpec
+    from distillation_runtime.stages.generate import PromptItem, run
 
     tokenizer = make_tokenizer()
     items = [PromptItem(e.prompt, "train") for e in sample_examples("addition", 64, seed=0)]

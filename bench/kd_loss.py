@@ -79,10 +79,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from distillation_runtime.losses import (
+        LogitLossOptions,
         OnlineTeacher,
         chunked_logit_losses,
         full_logit_losses,
     )
+    from distillation_runtime.spec import Divergence
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,13 +105,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "target_ids": targets,
         "mask": mask,
         "teacher": teacher,
-        "response_weight": 1.0,
-        "kd_weight": 0.5,
-        "divergence": "forwardKL",
-        "temperature": 2.0,
+        "options": LogitLossOptions(
+            response_weight=1.0,
+            kd_weight=0.5,
+            divergence=Divergence.FORWARD_KL,
+            temperature=2.0,
+            chunk_size=args.chunk_size,  # only the chunked loss reads it
+        ),
     }
-    if args.worker == "chunked":
-        options["chunk_size"] = args.chunk_size
 
     def step() -> float:
         hidden.grad = None

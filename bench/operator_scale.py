@@ -55,13 +55,13 @@ def raw_rayjob(index: int) -> dict[str, Any]:
     from distillation_operator.api import DistillationSpec
     from distillation_operator.builders.common import Images
     from distillation_operator.builders.rayjob import build_rayjob
-    from distillation_runtime.plan import StageName, make_plan
+    from distillation_runtime.plan import make_plan
 
     body = distillation(f"raw-{index}")
     body["metadata"] |= {"namespace": "raw", "uid": f"uid-{index}"}
     spec = DistillationSpec.model_validate(body["spec"])
     images = Images("registry.test/runtime:1", "registry.test/quantize:1", "registry.test/vllm:1")
-    rayjob = build_rayjob(body, spec, make_plan(spec.pipeline()), StageName.GENERATE, 1, images)
+    rayjob = build_rayjob(body, spec, make_plan(spec.pipeline()), "generate", 1, images)
     del rayjob["metadata"]["ownerReferences"]
     return rayjob
 

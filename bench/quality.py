@@ -42,8 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillation_runtime.generation import SamplingConfig, generate
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     TASKS,
     Example,
     ModelSize,
@@ -56,6 +55,7 @@ from distillation_runtime.toy import (
     save_pretrained,
     train_on_records,
 )
+from distillation_runtime.generation import SamplingConfig, generate
 
 TEACHER = ModelSize(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2)
 STUDENT = ModelSize(hidden=96, intermediate=224, layers=2, heads=4, kv_heads=2)  # <= 1/4
@@ -256,7 +256,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, fewer steps")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument(
-        "--task", choices=sorted(TASKS), default="addition", help="built-in task (toy.TASKS)"
+        "--task", choices=sorted(TASKS), default="addition", help="built-in task (demo.TASKS)"
     )
     args = parser.parse_args()
     settings = dataclasses.replace(QUICK if args.quick else DEFAULT, task=args.task)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ModelSize,
     gold_records,
     make_model,

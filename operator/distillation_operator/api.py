@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, create_model, model_validator
 
 from distillation_runtime.fields import cel
 from distillation_runtime.spec import (
@@ -25,6 +25,7 @@ from distillation_runtime.spec import (
     SpecModel,
     section,
 )
+from distillation_runtime.stages import STAGES, definition, placement_sections
 
 VERSION = "v1alpha1"
 KIND = "Distillation"
@@ -123,14 +124,29 @@ class StagePlacement(Resources):
     )
 
 
-class StagePlacements(SpecModel):
-    """Per-stage overrides of placement.workers."""
+def _stage_placements() -> type[SpecModel]:
+    """``placement.stages``: one optional field per placement section of the stage table."""
+    fields: dict[str, Any] = {}
+    for section_name, doc in placement_sections().items():
+        if not section_name.isidentifier():
+            raise ValueError(f"placement section {section_name!r} is not a valid field name")
+        fields[section_name] = (StagePlacement | None, Field(default=None, description=doc))
+    model: type[SpecModel] = create_model(
+        "StagePlacements",
+        __base__=SpecModel,
+        __doc__="Per-stage overrides of placement.workers.",
+        **fields,
+    )
+    return model
 
-    prune: StagePlacement | None = Field(default=None, description="Prune stage workers.")
-    generate: StagePlacement | None = Field(default=None, description="Teacher generation workers.")
-    train: StagePlacement | None = Field(default=None, description="Training workers.")
-    evaluate: StagePlacement | None = Field(default=None, description="Evaluation workers.")
-    quantize: StagePlacement | None = Field(default=None, description="Quantisation workers.")
+
+if TYPE_CHECKING:
+
+    class StagePlacements(SpecModel):
+        """Per-stage overrides of placement.workers (one field per stage table section)."""
+
+else:
+    StagePlacements = _stage_placements()
 
 
 class EnvVar(SpecModel):
@@ -437,8 +453,72 @@ class DistillationSpec(PipelineSpec):
 # --------------------------------------------------------------------------------------------
 
 CONDITION_READY = "Ready"
+"""The summary: True once the student passed its gate (and, with ``serve``, is served)."""
 CONDITION_RECONCILING = "Reconciling"
+"""kstatus's abnormal-true pair: True while work is under way."""
 CONDITION_STALLED = "Stalled"
+"""kstatus's abnormal-true pair: True when it failed and needs a spec change."""
+CONDITION_SERVED = "Served"
+"""True once the InferenceService of the student reports Ready (only with ``spec.serve``)."""
+
+
+def stage_condition(stage: str) -> str:
+    """The condition type of a stage (the stage table's ``condition``)."""
+    return definition(stage).condition
+
+
+class Reason(StrEnum):
+    """Reasons of the summary conditions (Ready, Reconciling, Stalled, Served) and of the
+    Events that are not stage transitions. A stage's own condition has its state as reason."""
+
+    PENDING = "Pending"
+    STAGE_RUNNING = "StageRunning"
+    QUEUED = "Queued"
+    RETRYING = "Retrying"
+    SUSPENDED = "Suspended"
+    GATE_UNKNOWN = "GateUnknown"
+    SERVING = "Serving"
+    SUCCEEDED = "Succeeded"
+    SERVED = "Served"
+    STAGE_FAILED = "StageFailed"
+    GATE_FAILED = "GateFailed"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    INVALID_SPEC = "InvalidSpec"
+    IDLE = "Idle"
+    """Reconciling=False: nothing to do."""
+    PROGRESSING = "Progressing"
+    """Stalled=False: not stuck."""
+    READY = "Ready"
+    """Served=True."""
+    NOT_READY = "NotReady"
+    """Served=False: not answering yet."""
+
+
+STALLING_REASONS = frozenset(
+    {Reason.GATE_FAILED, Reason.STAGE_FAILED, Reason.DEADLINE_EXCEEDED, Reason.INVALID_SPEC}
+)
+"""Summary reasons that need a person (a Warning event, Stalled=True)."""
+
+
+class EventReason(StrEnum):
+    """Reasons of the Events of stage transitions (the summary's own Events use ``Reason``)."""
+
+    STAGE_STARTED = "StageStarted"
+    STAGE_QUEUED = "StageQueued"
+    STAGE_RETRYING = "StageRetrying"
+    STAGE_SUSPENDED = "StageSuspended"
+    STAGE_SUCCEEDED = "StageSucceeded"
+    STAGE_FAILED = "StageFailed"
+    STAGE_REPLACED = "StageReplaced"
+
+
+def _condition_types_doc() -> str:
+    stages = ", ".join(f"{entry.condition} ({entry.name})" for entry in STAGES)
+    return (
+        f"{CONDITION_READY} (summary), {CONDITION_RECONCILING} (work under way), "
+        f"{CONDITION_STALLED} (failed; needs a spec change), one per stage: {stages}; and "
+        f"{CONDITION_SERVED} when spec.serve is set."
+    )
 
 
 class ConditionStatus(StrEnum):
@@ -463,7 +543,7 @@ class Condition(StatusModel):
         max_length=316,
         pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
         r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
-        description="Ready, Reconciling, Stalled, or one per stage (e.g. Trained).",
+        description="Ready, Reconciling, Stalled, Served, or a stage's (e.g. StudentTrained).",
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(
@@ -549,8 +629,7 @@ class DistillationStatus(StatusModel):
     phase: Phase | None = Field(default=None, description="Summary of where it is.")
     conditions: list[Condition] | None = Field(
         default=None,
-        description="Ready (summary), Reconciling (work under way), Stalled (failed; needs a "
-        "spec change), and one per stage.",
+        description=_condition_types_doc(),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     current_stage: str | None = Field(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from distillation_operator.reconcile import Artifact
+from distillation_operator.observed import Artifact
 
 
 def read_artifact(uri: str) -> Artifact:

@@ -17,18 +17,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from distillation_operator import metrics
+from distillation_operator.actions import Actions
 from distillation_operator.artifacts import read_artifacts
 from distillation_operator.builders.common import Images
 from distillation_operator.builders.inference_service import inference_service_name
 from distillation_operator.cache import ChildCache
 from distillation_operator.k8s import Cluster
-from distillation_operator.reconcile import (
-    Actions,
-    Observed,
-    artifacts_to_probe,
-    parse_job,
-    reconcile,
-)
+from distillation_operator.observed import Observed, parse_job
+from distillation_operator.reconcile import artifacts_to_probe, reconcile, understand
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -151,9 +147,11 @@ class Controller:
         services = self.children.owned(namespace, "InferenceService", uid)
         service_name = inference_service_name(name)
         service = next((s for s in services if s["metadata"]["name"] == service_name), None)
-        artifacts = read_artifacts(artifacts_to_probe(body, rayjobs))
-        observed = Observed(body, rayjobs, service, artifacts, datetime.now(UTC))
-        actions = reconcile(observed, self.images)
+        understood = understand(body, rayjobs)  # the spec parsed and planned once
+        now = datetime.now(UTC)
+        artifacts = read_artifacts(artifacts_to_probe(understood, now))
+        observed = Observed(body, rayjobs, service, artifacts, now)
+        actions = reconcile(observed, self.images, understood)
         for child in [*rayjobs, *([service] if service else []), *actions.create, *actions.apply]:
             meta = child["metadata"]
             self.seen[f"{meta['namespace']}/{meta['name']}"] = child_signature(child)

@@ -16,13 +16,13 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from distillation_operator import metrics
+from distillation_operator.actions import Event
 from distillation_operator.api import PLURAL, VERSION
 from distillation_operator.builders.common import (
     ANNOTATION_SPEC_HASH,
     MANAGED_BY,
     MANAGED_SELECTOR,
 )
-from distillation_operator.reconcile import Event
 from distillation_runtime.spec import API_GROUP
 
 log = logging.getLogger(__name__)

@@ -66,9 +66,9 @@ def show_plan(path: Path) -> int:
     plan = make_plan(spec)
     rows = [("stage", "after", "fingerprint", "state", "artifact")]
     for stage in plan.stages:
-        after = ",".join(i.value for i in stage.inputs) or "-"
+        after = ",".join(stage.inputs) or "-"
         artifact = stage.artifact(plan.output)
-        rows.append((stage.name.value, after, stage.fingerprint, stage_state(artifact), artifact))
+        rows.append((stage.name, after, stage.fingerprint, stage_state(artifact), artifact))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
@@ -103,7 +103,7 @@ def run_one(name: str, path: Path | None, variable: str | None = None) -> int:
     except KeyError as err:
         print(f"distill stage: {err.args[0]}", file=sys.stderr)
         return 2
-    missing = [i.value for i in stage.inputs if not artifact_complete(runner.artifact(i))]
+    missing = [i for i in stage.inputs if not artifact_complete(runner.artifact(i))]
     if missing:
         print(
             f"distill stage {name}: inputs not complete yet: {', '.join(missing)}", file=sys.stderr

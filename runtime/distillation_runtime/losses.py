@@ -30,9 +30,10 @@ them ``chunk_size`` positions at a time from the student's last hidden states an
 layer, and computes each chunk's gradient right away (see :class:`_ChunkedLogitLoss`). A stage
 puts the parts together like this::
 
+    options = LogitLossOptions.from_spec(spec.train.losses, compare_vocab=shared)  # once
     logit = chunked_logit_losses(hidden, model.lm_head.weight, target_ids=..., mask=...,
                                  teacher=OnlineTeacher(t_hidden, teacher.lm_head.weight),
-                                 response_weight=1.0, kd_weight=0.5, ...)
+                                 options=options)
     feats = feature_loss(student_states, teacher_states, projector, mask, distance="mse")
     total, report = combine({**logit, "features": feats}, {"loss": 1.0, "features": weight})
     total.backward()   # report: response, logits, features and the total loss, as floats
@@ -50,13 +51,20 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional name)
 from torch import Tensor, nn
 
-from distillation_runtime.spec import Divergence, FeatureDistance, MissingMass
+from distillation_runtime.spec import (
+    Divergence,
+    FeatureDistance,
+    LogitLossSpec,
+    LossesSpec,
+    MissingMass,
+)
 
 __all__ = [
     "MISSING_MASS_FLOOR",
     "DistanceName",
     "DivergenceName",
     "FeatureProjector",
+    "LogitLossOptions",
     "MissingMassName",
     "OfflineTeacher",
     "OnlineTeacher",
@@ -519,15 +527,60 @@ class OfflineTeacher:
 
 
 @dataclass(frozen=True)
-class _Options:
-    response_weight: float
-    kd_weight: float
-    divergence: Divergence
-    beta: float
-    temperature: float
-    missing_mass: MissingMass
-    compare_vocab: int
-    chunk_size: int
+class LogitLossOptions:
+    """What :func:`chunked_logit_losses` computes: one value, built from the spec and checked once.
+
+    ``response_weight`` and ``kd_weight`` weigh the response cross-entropy and the KD loss in
+    ``loss``; ``divergence``, ``beta`` (jsd only), ``temperature`` and ``missing_mass`` (stored
+    top-k only) pick the KD loss (the module docstring has the math); ``chunk_size`` is how many
+    token positions one chunk computes; ``compare_vocab`` is how many ids the KD loss compares,
+    None for ``min(student rows, teacher rows)`` (see :func:`shared_vocab_size`). The enums may
+    be given by value (``"jsd"``); a value out of range raises a ValueError that names the field.
+    """
+
+    response_weight: float = 1.0
+    kd_weight: float = 1.0
+    divergence: Divergence = Divergence.FORWARD_KL
+    beta: float = 0.5
+    temperature: float = 1.0
+    missing_mass: MissingMass = MissingMass.IGNORE
+    chunk_size: int = 1024
+    compare_vocab: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("response_weight", "kd_weight", "beta", "temperature"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("response_weight", "kd_weight"):
+            weight = getattr(self, name)
+            if not weight >= 0 or not math.isfinite(weight):
+                raise ValueError(f"{name} is {weight}; it must be a finite number of at least 0")
+        _check_options(self.temperature, self.beta)
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size is {self.chunk_size}; it must be at least 1")
+        if self.compare_vocab is not None and self.compare_vocab < 1:
+            raise ValueError(
+                f"compare_vocab is {self.compare_vocab}; it must be at least 1 (or None: the ids "
+                "both output layers have)"
+            )
+        object.__setattr__(self, "divergence", _choice(Divergence, self.divergence, "divergence"))
+        object.__setattr__(
+            self, "missing_mass", _choice(MissingMass, self.missing_mass, "missing_mass")
+        )
+
+    @classmethod
+    def from_spec(cls, losses: LossesSpec, compare_vocab: int | None = None) -> LogitLossOptions:
+        """The options ``train.losses`` asks for; without ``logits``, the response loss only."""
+        logits = losses.logits if losses.logits is not None else LogitLossSpec()
+        return cls(
+            response_weight=float(losses.response),
+            kd_weight=float(logits.weight) if losses.logits is not None else 0.0,
+            divergence=logits.divergence,
+            beta=logits.jsd_beta,
+            temperature=float(logits.temperature),
+            missing_mass=logits.missing_mass,
+            chunk_size=logits.chunk_size,
+            compare_vocab=compare_vocab,
+        )
 
 
 def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -557,7 +610,7 @@ def _full_kd_(
     spare2: Tensor | None,
     grad: Tensor | None,
     coef: float,
-    opts: _Options,
+    opts: LogitLossOptions,
 ) -> Tensor:
     """``T**2 * divergence`` per row over the full compared vocabulary, and its gradient.
 
@@ -608,9 +661,15 @@ class _Workspace:
     pages for every chunk cost time: the kernel zeroes them)."""
 
     def __init__(
-        self, rows: int, opts: _Options, vocab: int, dtype: torch.dtype, device: Any
+        self,
+        rows: int,
+        opts: LogitLossOptions,
+        vocab: int,
+        compared: int,
+        dtype: torch.dtype,
+        device: Any,
     ) -> None:
-        self.rows, self.opts, self.vocab = rows, opts, vocab
+        self.rows, self.opts, self.vocab, self.compared = rows, opts, vocab, compared
         self.dtype, self.device = dtype, device
         self.buffers: dict[str, Tensor] = {}
 
@@ -634,7 +693,7 @@ def _chunk(
     h [c, H], head [V, H], targets [c]; ``coefs`` = (response weight, KD weight) / token count,
     or None when no gradient is wanted. Returns (response sum, KD sum, grad [c, V] or None).
     """
-    opts, c, vocab, vc = work.opts, h.shape[0], work.vocab, work.opts.compare_vocab
+    opts, c, vocab, vc = work.opts, h.shape[0], work.vocab, work.compared
     logits = _matmul_into(work.get("logits", c, vocab), h, head.T)
     scratch = work.get("scratch", c, vocab)
     log_p = _log_softmax_(logits, scratch)  # at T = 1: the response loss's
@@ -711,7 +770,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         rows: Tensor,
         targets: Tensor,
         teacher: OnlineTeacher | OfflineTeacher | None,
-        opts: _Options,
+        opts: LogitLossOptions,
+        compared: int,
         count: int,
         want_grads: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -725,7 +785,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         denominator = max(count, 1)
         coefs = (opts.response_weight / denominator, opts.kd_weight / denominator)
         work = _Workspace(
-            min(opts.chunk_size, rows.numel()), opts, head.shape[0], dtype, head.device
+            min(opts.chunk_size, rows.numel()), opts, head.shape[0], compared, dtype, head.device
         )
         response_sum = torch.zeros((), dtype=dtype, device=hidden.device)
         kd_sum = torch.zeros_like(response_sum)
@@ -776,30 +836,19 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         if grad_head is not None:
             grad_head = grad_head.mul_(grad_loss.to(grad_head.dtype)).to(ctx.head_dtype)
-        return grad_hidden, grad_head, None, None, None, None, None, None
+        return grad_hidden, grad_head, None, None, None, None, None, None, None
 
 
-def _resolve(
+def _compared_vocab(
     student_hidden: Tensor,
     student_head: Tensor,
     target_ids: Tensor,
     mask: Tensor,
     teacher: OnlineTeacher | OfflineTeacher | None,
-    *,
-    response_weight: float,
-    kd_weight: float,
-    divergence: Divergence | DivergenceName,
-    beta: float,
-    temperature: float,
-    missing_mass: MissingMass | MissingMassName,
     compare_vocab: int | None,
-    chunk_size: int,
-) -> _Options:
-    """Validate the inputs of the logit losses; the options with the compared vocabulary."""
+) -> int:
+    """Check the logit losses' tensors against each other; how many ids the KD loss compares."""
     _check_rows(mask, student_hidden=student_hidden, target_ids=target_ids)
-    _check_options(temperature, beta)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size is {chunk_size}; it must be at least 1")
     if student_head.dim() != 2 or student_head.shape[1] != student_hidden.shape[-1]:
         raise ValueError(
             f"student_head {list(student_head.shape)} must be [V, H] with H = "
@@ -823,20 +872,11 @@ def _resolve(
             )
         if teacher.vocab_size is not None:
             rows = min(rows, teacher.vocab_size)
-    if compare_vocab is not None:
-        if not 1 <= compare_vocab <= rows:
-            raise ValueError(f"compare_vocab is {compare_vocab}; it must be between 1 and {rows}")
-        rows = compare_vocab
-    return _Options(
-        response_weight=float(response_weight),
-        kd_weight=float(kd_weight),
-        divergence=_choice(Divergence, divergence, "divergence"),
-        beta=float(beta),
-        temperature=float(temperature),
-        missing_mass=_choice(MissingMass, missing_mass, "missing_mass"),
-        compare_vocab=rows,
-        chunk_size=chunk_size,
-    )
+    if compare_vocab is None:
+        return int(rows)
+    if not 1 <= compare_vocab <= rows:
+        raise ValueError(f"compare_vocab is {compare_vocab}; it must be between 1 and {rows}")
+    return compare_vocab
 
 
 def chunked_logit_losses(
@@ -846,20 +886,14 @@ def chunked_logit_losses(
     target_ids: Tensor,
     mask: Tensor,
     teacher: OnlineTeacher | OfflineTeacher | None,
-    response_weight: float = 1.0,
-    kd_weight: float = 1.0,
-    divergence: Divergence | DivergenceName = "forwardKL",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    missing_mass: MissingMass | MissingMassName = "ignore",
-    compare_vocab: int | None = None,
-    chunk_size: int = 1024,
+    options: LogitLossOptions,
 ) -> dict[str, Tensor]:
     """Response and logit distillation without ever holding the ``[N, V]`` logits.
 
     student_hidden [N, H] (the student's last hidden states, after the final norm),
     student_head [V, H] (its ``lm_head.weight``), target_ids [N], mask [N], teacher: the live
-    teacher, its stored top-k, or None (response only).
+    teacher, its stored top-k, or None (response only); ``options``: the weights, divergence and
+    chunk size (:class:`LogitLossOptions`).
 
     Returns ``{"response", "logits", "loss"}``: the response cross-entropy (over the student's
     full head) and the KD loss (``T**2 * divergence``), each a mean over all masked tokens of the
@@ -867,30 +901,18 @@ def chunked_logit_losses(
     response + kd_weight * logits``. Only ``loss`` carries the gradient (w.r.t. student_hidden
     and student_head); ``response`` and ``logits`` are detached values for the report.
 
-    Only the masked positions are computed, ``chunk_size`` at a time (see
+    Only the masked positions are computed, ``options.chunk_size`` at a time (see
     :class:`_ChunkedLogitLoss`). Output layers padded past the tokenizer: the KD loss compares the
-    first ``compare_vocab`` ids, by default ``min(student rows, teacher rows)`` (see
+    first ``options.compare_vocab`` ids, by default ``min(student rows, teacher rows)`` (see
     :func:`shared_vocab_size`); both softmaxes are over those ids only, so padding rows get no KD
     gradient. Values and gradients equal :func:`full_logit_losses` (tested).
     """
-    opts = _resolve(
-        student_hidden,
-        student_head,
-        target_ids,
-        mask,
-        teacher,
-        response_weight=response_weight,
-        kd_weight=kd_weight,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        missing_mass=missing_mass,
-        compare_vocab=compare_vocab,
-        chunk_size=chunk_size,
+    compared = _compared_vocab(
+        student_hidden, student_head, target_ids, mask, teacher, options.compare_vocab
     )
     rows = mask.nonzero().squeeze(1)
     if isinstance(teacher, OfflineTeacher):
-        _check_topk_ids(teacher.topk_ids.index_select(0, rows), opts.compare_vocab)
+        _check_topk_ids(teacher.topk_ids.index_select(0, rows), compared)
     want_grads = torch.is_grad_enabled() and (
         student_hidden.requires_grad or student_head.requires_grad
     )
@@ -900,7 +922,8 @@ def chunked_logit_losses(
         rows,
         target_ids,
         teacher,
-        opts,
+        options,
+        compared,
         rows.numel(),
         want_grads,
     )
@@ -914,63 +937,45 @@ def full_logit_losses(
     target_ids: Tensor,
     mask: Tensor,
     teacher: OnlineTeacher | OfflineTeacher | None,
-    response_weight: float = 1.0,
-    kd_weight: float = 1.0,
-    divergence: Divergence | DivergenceName = "forwardKL",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    missing_mass: MissingMass | MissingMassName = "ignore",
-    compare_vocab: int | None = None,
+    options: LogitLossOptions,
 ) -> dict[str, Tensor]:
     """The plain reference for :func:`chunked_logit_losses`: materialise the ``[N, V]`` logits,
     then call :func:`response_loss` and :func:`kd_divergence` / :func:`offline_kd`.
 
-    Same arguments and results (here every entry carries its gradient). For tests and the
-    benchmark; training should use the chunked version.
+    Same arguments and results (here every entry carries its gradient; ``options.chunk_size``
+    is not used). For tests and the benchmark; training should use the chunked version.
     """
-    opts = _resolve(
-        student_hidden,
-        student_head,
-        target_ids,
-        mask,
-        teacher,
-        response_weight=response_weight,
-        kd_weight=kd_weight,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        missing_mass=missing_mass,
-        compare_vocab=compare_vocab,
-        chunk_size=1,
+    compared = _compared_vocab(
+        student_hidden, student_head, target_ids, mask, teacher, options.compare_vocab
     )
     logits = student_hidden @ student_head.T
     response = response_loss(logits, target_ids, mask)
-    compared = logits[:, : opts.compare_vocab]
+    student = logits[:, :compared]
     if isinstance(teacher, OnlineTeacher):
         with torch.no_grad():
-            teacher_logits = teacher.hidden @ teacher.head[: opts.compare_vocab].T
+            teacher_logits = teacher.hidden @ teacher.head[:compared].T
         kd = kd_divergence(
-            compared,
+            student,
             teacher_logits,
             mask,
-            divergence=opts.divergence,
-            beta=opts.beta,
-            temperature=opts.temperature,
+            divergence=options.divergence,
+            beta=options.beta,
+            temperature=options.temperature,
         )
     elif isinstance(teacher, OfflineTeacher):
         kd = offline_kd(
-            compared,
+            student,
             teacher.topk_ids,
             teacher.topk_logprobs,
             mask,
-            divergence=opts.divergence,
-            beta=opts.beta,
-            temperature=opts.temperature,
-            missing_mass=opts.missing_mass,
+            divergence=options.divergence,
+            beta=options.beta,
+            temperature=options.temperature,
+            missing_mass=options.missing_mass,
         )
     else:
         kd = torch.zeros_like(response)
-    loss = opts.response_weight * response + opts.kd_weight * kd
+    loss = options.response_weight * response + options.kd_weight * kd
     return {"response": response, "logits": kd, "loss": loss}
 
 

@@ -1,9 +1,9 @@
 """The pipeline spec: teacher, student, data and how to train, quantise and evaluate.
 
-One model, three uses (DESIGN.md): the operator's CRD is generated from it, the operator validates
-``spec`` with it, and ``distill run`` / the stages read their configuration from it. Field names
-are camelCase in YAML (Kubernetes style) and snake_case in Python; descriptions are user
-documentation (they become ``kubectl explain``).
+One model, three uses (docs/design.md): the operator's CRD is generated from it, the operator
+validates ``spec`` with it, and ``distill run`` / the stages read their configuration from it.
+Field names are camelCase in YAML (Kubernetes style) and snake_case in Python; descriptions are
+user documentation (they become ``kubectl explain``).
 
 Every cross-field rule is written twice, side by side: as a CEL rule (``x-kubernetes-validations``,
 enforced by the API server at ``kubectl apply``) and as a pydantic validator (enforced by

@@ -4,7 +4,8 @@ The spec names storage with URIs (``hf://org/name[@revision]``, ``s3://bucket/pa
 ``gs://bucket/path``, ``pvc://claim/path``, ``file://...`` or a plain path). This module turns
 one into a file system (fsspec) or a local folder, and publishes a stage's artifact so that a
 killed stage never looks complete: the files first, ``manifest.json`` next, the completion marker
-last (DESIGN.md: content-addressed artifacts ``<output>/<stage>-<fingerprint>/`` with a marker).
+last (docs/design.md: content-addressed artifacts ``<output>/<stage>-<fingerprint>/`` with a
+marker).
 
 Importing it is cheap: fsspec, s3fs, gcsfs and huggingface_hub are imported where they are used.
 """

@@ -170,7 +170,7 @@ def test_every_built_rayjob_initializes_under_kuberay(
                     assert env[var["name"]].value is None  # never inline
         if sample == "everything":
             gpus = worker.spec.containers[0].resources.limits["nvidia.com/gpu"]
-            assert str(gpus) == ("1" if stage.name.value == "quantize" else "2")
+            assert str(gpus) == ("1" if stage.name == "quantize" else "2")
             assert (
                 env_of(head.spec.containers[0])["HF_TOKEN"].value_from.secret_key_ref.name == "hub"
             )

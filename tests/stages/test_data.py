@@ -152,7 +152,7 @@ def test_an_explicit_format_reads_any_extension(tmp_path) -> None:
 
 
 def test_chat_messages_are_rendered_with_the_chat_template(tmp_path) -> None:
-    from distillation_runtime.toy import make_tokenizer
+    from distillation_runtime.demo import make_tokenizer
 
     tokenizer = make_tokenizer()
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -216,7 +216,7 @@ def test_a_null_in_a_parquet_row_is_named_by_row(tmp_path) -> None:
     ],
 )
 def test_malformed_messages_are_named(tmp_path, messages, says) -> None:
-    from distillation_runtime.toy import make_tokenizer
+    from distillation_runtime.demo import make_tokenizer
 
     tokenizer = make_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from distillation_runtime.generation import SamplingConfig, generate
-from distillation_runtime.records import Record, write_parquet
-from distillation_runtime.spec import EvaluateSpec
-from distillation_runtime.stages.evaluate import MODEL_CARD, REPORT_FILE, EvaluateJob, run
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ModelSize,
     make_model,
     make_tokenizer,
     sample_examples,
     save_pretrained,
 )
+from distillation_runtime.generation import SamplingConfig, generate
+from distillation_runtime.records import Record, write_parquet
+from distillation_runtime.spec import EvaluateSpec
+from distillation_runtime.stages.evaluate import MODEL_CARD, REPORT_FILE, EvaluateJob, run
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def job(
         evaluate=EvaluateSpec.model_validate(spec),
         max_new_tokens=5,
         train_metrics=str(root / "metrics.jsonl"),
-        lineage={"teacher": "toy teacher", "student": student},
+        lineage={"teacher": "demo teacher", "student": student},
     )
 
 

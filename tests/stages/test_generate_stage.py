@@ -7,6 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from distillation_runtime.demo import (
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+    save_pretrained,
+)
 from distillation_runtime.generation import SamplingConfig, generate
 from distillation_runtime.records import read_parquet
 from distillation_runtime.spec import GenerateBackend, GenerateSpec
@@ -16,13 +23,6 @@ from distillation_runtime.stages.generate import (
     records_from_vllm,
     run,
     sampling_kwargs,
-)
-from distillation_runtime.toy import (
-    ModelSize,
-    make_model,
-    make_tokenizer,
-    sample_examples,
-    save_pretrained,
 )
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from distillation_runtime.generation import SamplingConfig, generate
-from distillation_runtime.records import collate
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ALPHABET,
     ModelSize,
     make_model,
     make_tokenizer,
     sample_examples,
 )
+from distillation_runtime.generation import SamplingConfig, generate
+from distillation_runtime.records import collate
 
 
 def test_topk_logprobs_equal_a_direct_forward_pass_and_line_up_with_training_targets() -> None:

@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 import yaml
 
-from distillation_runtime.plan import make_plan
-from distillation_runtime.spec import PipelineSpec
-from distillation_runtime.storage import artifact_complete, read_manifest
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ModelSize,
     make_model,
     make_tokenizer,
     sample_examples,
     save_pretrained,
 )
+from distillation_runtime.plan import make_plan
+from distillation_runtime.spec import PipelineSpec
+from distillation_runtime.storage import artifact_complete, read_manifest
 
 DISTILL = Path(sys.executable).parent / "distill"
 

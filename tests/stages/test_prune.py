@@ -11,6 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen3Config
 
+from distillation_runtime.demo import (
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    parameter_count,
+    sample_examples,
+    save_pretrained,
+)
 from distillation_runtime.prune import (
     PruneError,
     Shape,
@@ -21,14 +29,6 @@ from distillation_runtime.prune import (
     shape_of,
 )
 from distillation_runtime.stages.prune import IMPORTANCE_FILE, MODEL_DIR, PruneJob, run
-from distillation_runtime.toy import (
-    ModelSize,
-    make_model,
-    make_tokenizer,
-    parameter_count,
-    sample_examples,
-    save_pretrained,
-)
 
 PROMPTS = [f"{e.prompt}{e.answer}" for e in sample_examples("addition", 48, seed=0)]
 

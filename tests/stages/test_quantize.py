@@ -17,10 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from distillation_runtime.records import write_parquet
-from distillation_runtime.spec import QuantizeSpec
-from distillation_runtime.stages.quantize import MODEL_DIR, REPORT_FILE, QuantizeJob, run
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ModelSize,
     gold_records,
     make_model,
@@ -28,6 +25,9 @@ from distillation_runtime.toy import (
     sample_examples,
     save_pretrained,
 )
+from distillation_runtime.records import write_parquet
+from distillation_runtime.spec import QuantizeSpec
+from distillation_runtime.stages.quantize import MODEL_DIR, REPORT_FILE, QuantizeJob, run
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 import yaml
 
-from distillation_runtime.plan import make_plan
-from distillation_runtime.spec import PipelineSpec
-from distillation_runtime.storage import artifact_complete, read_manifest
-from distillation_runtime.toy import (
+from distillation_runtime.demo import (
     ModelSize,
     make_model,
     make_tokenizer,
     sample_examples,
     save_pretrained,
 )
+from distillation_runtime.plan import make_plan
+from distillation_runtime.spec import PipelineSpec
+from distillation_runtime.storage import artifact_complete, read_manifest
 
 DISTILL = Path(sys.executable).parent / "distill"
 HAVE_LLMCOMPRESSOR = importlib.util.find_spec("llmcompressor") is not None
@@ -73,7 +73,7 @@ def test_prune_distill_quantize_and_evaluate_the_quantised_student(project: Path
     out = distill("run", str(write(project, "two.yaml", spec(project, 2))), cwd=project)
     assert out.returncode == 0, out.stderr[-3000:]
     plan = make_plan(PipelineSpec.model_validate(spec(project, 2)))
-    assert [s.value for s in plan.names] == [
+    assert plan.names == [
         "prune",
         "generate",
         "train",

@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from distillation_runtime.demo import (
+    ModelSize,
+    make_model,
+    make_tokenizer,
+    sample_examples,
+    save_pretrained,
+)
 from distillation_runtime.generation import SamplingConfig, generate
 from distillation_runtime.records import write_parquet
 from distillation_runtime.spec import TrainSpec
@@ -23,13 +30,6 @@ from distillation_runtime.stages.train import (
     lr_factor,
     run,
     steps_per_epoch,
-)
-from distillation_runtime.toy import (
-    ModelSize,
-    make_model,
-    make_tokenizer,
-    sample_examples,
-    save_pretrained,
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from distillation_runtime.losses import (
     MISSING_MASS_FLOOR,
     FeatureProjector,
+    LogitLossOptions,
     OfflineTeacher,
     OnlineTeacher,
     VocabularyMismatchError,
@@ -27,6 +29,7 @@ from distillation_runtime.losses import (
     response_loss,
     shared_vocab_size,
 )
+from distillation_runtime.spec import Divergence, LossesSpec, MissingMass
 
 DIVERGENCES = ["forwardKL", "reverseKL", "jsd"]
 F64 = torch.float64
@@ -236,9 +239,9 @@ def test_offline_uniform_keeps_a_little_mass_outside_a_top_k_that_sums_to_one():
         target_ids=torch.zeros(3, dtype=torch.long),
         mask=mask,
         teacher=OfflineTeacher(ids, logprobs),
-        divergence="reverseKL",
-        missing_mass="uniform",
-        chunk_size=2,
+        options=LogitLossOptions(
+            divergence=Divergence.REVERSE_KL, missing_mass=MissingMass.UNIFORM, chunk_size=2
+        ),
     )
     plain = offline_kd(
         hidden @ head.T, ids, logprobs, mask, divergence="reverseKL", missing_mass="uniform"
@@ -277,7 +280,7 @@ def test_an_empty_mask_gives_zero_with_a_gradient_never_nan(rows):
             target_ids=torch.zeros(rows, dtype=torch.long),
             mask=mask,
             teacher=OnlineTeacher(rand(rows, 2), rand(6, 2)),
-            chunk_size=2,
+            options=LogitLossOptions(chunk_size=2),
         ).values(),
     ]
     for value in values:
@@ -303,7 +306,79 @@ def test_bad_options_say_what_is_allowed():
         response_loss(rand(3, 3), torch.zeros(3, dtype=torch.long), mask)
     with pytest.raises(ValueError, match="chunk_size is 0"):
         chunked_logit_losses(
-            rand(2, 4), rand(3, 4), target_ids=torch.zeros(2), mask=mask, teacher=None, chunk_size=0
+            rand(2, 4),
+            rand(3, 4),
+            target_ids=torch.zeros(2),
+            mask=mask,
+            teacher=None,
+            options=LogitLossOptions(chunk_size=0),
+        )
+
+
+def test_logit_loss_options_carry_the_spec_values():
+    losses = LossesSpec.model_validate(
+        {
+            "response": "0.5",
+            "logits": {
+                "weight": "2",
+                "divergence": "jsd",
+                "beta": "0.25",
+                "temperature": "3.5",
+                "missingMass": "uniform",
+                "chunkSize": 64,
+            },
+        }
+    )
+    options = LogitLossOptions.from_spec(losses, compare_vocab=300)
+    assert options == LogitLossOptions(
+        response_weight=0.5,
+        kd_weight=2.0,
+        divergence=Divergence.JSD,
+        beta=0.25,
+        temperature=3.5,
+        missing_mass=MissingMass.UNIFORM,
+        chunk_size=64,
+        compare_vocab=300,
+    )
+    assert type(options.kd_weight) is float
+    assert options.divergence is Divergence.JSD
+    response_only = LogitLossOptions.from_spec(LossesSpec.model_validate({"response": "1.5"}))
+    assert response_only.response_weight == 1.5
+    assert response_only.kd_weight == 0.0
+    assert response_only.compare_vocab is None
+    assert response_only.chunk_size == 512  # the spec's default
+    by_value = LogitLossOptions(divergence="reverseKL")  # type: ignore[arg-type]
+    assert by_value.divergence is Divergence.REVERSE_KL
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("response_weight", -1.0, r"response_weight is -1\.0; it must be a finite number of at"),
+        ("kd_weight", math.inf, r"kd_weight is inf; it must be a finite number of at least 0"),
+        ("kd_weight", math.nan, r"kd_weight is nan"),
+        ("temperature", 0.0, r"temperature is 0\.0; it must be a finite number above 0"),
+        ("beta", 1.5, r"beta is 1\.5; it must be between 0 and 1"),
+        ("chunk_size", 0, r"chunk_size is 0; it must be at least 1"),
+        ("compare_vocab", 0, r"compare_vocab is 0; it must be at least 1"),
+        ("divergence", "kl", r"divergence is 'kl'; allowed: forwardKL, reverseKL, jsd"),
+        ("missing_mass", "spread", r"missing_mass is 'spread'; allowed: ignore, uniform"),
+    ],
+)
+def test_bad_logit_loss_options_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LogitLossOptions(**{field: value})
+
+
+def test_a_compared_vocabulary_larger_than_the_heads_is_refused():
+    with pytest.raises(ValueError, match="compare_vocab is 7; it must be between 1 and 5"):
+        chunked_logit_losses(
+            rand(2, 3),
+            rand(5, 3),
+            target_ids=torch.zeros(2, dtype=torch.long),
+            mask=torch.ones(2, dtype=torch.bool),
+            teacher=OnlineTeacher(rand(2, 2), rand(6, 2)),
+            options=LogitLossOptions(compare_vocab=7),
         )
 
 
@@ -362,10 +437,10 @@ def test_chunked_values_and_gradients_equal_the_plain_loss(problem):
         "target_ids": problem["target_ids"],
         "mask": problem["mask"],
         "teacher": problem["teacher"],
-        **problem["options"],
     }
-    plain = full_logit_losses(hidden, head, **common)
-    chunked = chunked_logit_losses(hidden, head, chunk_size=problem["chunk_size"], **common)
+    options = LogitLossOptions(**problem["options"], chunk_size=problem["chunk_size"])
+    plain = full_logit_losses(hidden, head, **common, options=options)
+    chunked = chunked_logit_losses(hidden, head, **common, options=options)
     for name in ("response", "logits", "loss"):
         assert torch.allclose(chunked[name], plain[name], rtol=1e-9, atol=1e-12), name
     assert val(plain["logits"]) >= -1e-12
@@ -376,7 +451,7 @@ def test_chunked_values_and_gradients_equal_the_plain_loss(problem):
     if problem["teacher"] is not None and problem["mask"].any():  # the padding rows
         compared = problem["compared"]
         kd_only = chunked_logit_losses(
-            hidden, head, **{**common, "response_weight": 0.0}, chunk_size=problem["chunk_size"]
+            hidden, head, **common, options=dataclasses.replace(options, response_weight=0.0)
         )
         (grad_head,) = torch.autograd.grad(kd_only["loss"], [head])
         assert (grad_head[compared:] == 0).all()
@@ -391,7 +466,12 @@ def test_chunked_is_normalised_by_all_masked_tokens_not_per_chunk():
     expected = F.cross_entropy(logits[:7], targets[:7])
     for chunk_size in (1, 3, 4, 7, 100):
         got = chunked_logit_losses(
-            hidden, head, target_ids=targets, mask=mask, teacher=None, chunk_size=chunk_size
+            hidden,
+            head,
+            target_ids=targets,
+            mask=mask,
+            teacher=None,
+            options=LogitLossOptions(chunk_size=chunk_size),
         )
         assert torch.allclose(got["response"], expected)
         assert torch.allclose(got["loss"], expected)
@@ -404,15 +484,15 @@ def test_chunked_in_float32_matches_the_plain_loss_in_float64():
     teacher = OnlineTeacher(rand(n, ht, seed=24), rand(v, ht, seed=25, scale=0.3))
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(26))
     mask = torch.rand(n, generator=torch.Generator().manual_seed(27)) < 0.8
-    options: dict[str, Any] = {"divergence": "jsd", "beta": 0.4, "temperature": 2.0}
+    options = LogitLossOptions(divergence=Divergence.JSD, beta=0.4, temperature=2.0, chunk_size=32)
     expected = full_logit_losses(
-        hidden, head, target_ids=targets, mask=mask, teacher=teacher, **options
+        hidden, head, target_ids=targets, mask=mask, teacher=teacher, options=options
     )
     h32 = hidden.detach().float().requires_grad_()
     w32 = head.detach().float().requires_grad_()
     teacher32 = OnlineTeacher(teacher.hidden.float(), teacher.head.float())
     got = chunked_logit_losses(
-        h32, w32, target_ids=targets, mask=mask, teacher=teacher32, chunk_size=32, **options
+        h32, w32, target_ids=targets, mask=mask, teacher=teacher32, options=options
     )
     assert got["loss"].dtype == torch.float32
     assert val(got["loss"]) == pytest.approx(val(expected["loss"]), rel=1e-5)
@@ -430,9 +510,7 @@ def test_chunked_parts_are_for_the_report_and_the_loss_carries_the_gradient():
         target_ids=torch.zeros(6, dtype=torch.long),
         mask=torch.ones(6, dtype=torch.bool),
         teacher=teacher,
-        response_weight=1.0,
-        kd_weight=0.5,
-        chunk_size=4,
+        options=LogitLossOptions(response_weight=1.0, kd_weight=0.5, chunk_size=4),
     )
     assert set(out) >= {"response", "logits", "loss"}
     assert not out["response"].requires_grad
@@ -447,8 +525,7 @@ def test_chunked_parts_are_for_the_report_and_the_loss_carries_the_gradient():
             target_ids=torch.zeros(6, dtype=torch.long),
             mask=torch.ones(6, dtype=torch.bool),
             teacher=teacher,
-            response_weight=1.0,
-            kd_weight=0.5,
+            options=LogitLossOptions(response_weight=1.0, kd_weight=0.5),
         )["loss"],
         [hidden, head],
     )
@@ -462,7 +539,7 @@ def test_chunked_without_grad_and_with_a_frozen_head():
         "target_ids": torch.zeros(5, dtype=torch.long),
         "mask": torch.ones(5, dtype=torch.bool),
         "teacher": None,
-        "chunk_size": 2,
+        "options": LogitLossOptions(chunk_size=2),
     }
     with torch.no_grad():
         evaluated = chunked_logit_losses(hidden, head, **common)
@@ -487,6 +564,7 @@ def test_chunked_rejects_stored_ids_from_another_vocabulary():
             target_ids=torch.zeros(1, dtype=torch.long),
             mask=torch.ones(1, dtype=torch.bool),
             teacher=OfflineTeacher(ids, torch.full((1, 2), -1.0, dtype=F64)),
+            options=LogitLossOptions(),
         )
 
 
@@ -620,8 +698,7 @@ def test_combine_puts_the_chunked_loss_and_the_features_together_as_documented()
         target_ids=torch.arange(6),
         mask=mask,
         teacher=OnlineTeacher(rand(6, 5, seed=42), rand(7, 5, seed=43)),
-        kd_weight=0.5,
-        chunk_size=3,
+        options=LogitLossOptions(kd_weight=0.5, chunk_size=3),
     )
     projector = FeatureProjector([(0, 1)], 4, 5).double()
     feats = feature_loss([hidden], [rand(6, 5, seed=44)], projector, mask)
@@ -644,9 +721,9 @@ def test_chunked_in_bfloat16_stays_close_to_float64():
     teacher = OnlineTeacher(rand(n, h, seed=47), rand(v, h, seed=48, scale=0.2))
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(49))
     mask = torch.ones(n, dtype=torch.bool)
-    options: dict[str, Any] = {"divergence": "reverseKL", "temperature": 2.0}
+    options = LogitLossOptions(divergence=Divergence.REVERSE_KL, temperature=2.0, chunk_size=16)
     expected = full_logit_losses(
-        hidden, head, target_ids=targets, mask=mask, teacher=teacher, **options
+        hidden, head, target_ids=targets, mask=mask, teacher=teacher, options=options
     )
     expected_grad = torch.autograd.grad(expected["loss"], [head])[0]
     w16 = head.detach().bfloat16().requires_grad_()
@@ -656,8 +733,7 @@ def test_chunked_in_bfloat16_stays_close_to_float64():
         target_ids=targets,
         mask=mask,
         teacher=OnlineTeacher(teacher.hidden.bfloat16(), teacher.head.bfloat16()),
-        chunk_size=16,
-        **options,
+        options=options,
     )
     assert got["loss"].dtype == torch.float32  # softmaxes in float32
     assert val(got["loss"]) == pytest.approx(val(expected["loss"]), rel=2e-2)

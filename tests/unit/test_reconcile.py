@@ -17,15 +17,15 @@ from distillation_operator.builders.rayjob import (
     build_rayjob,
     rayjob_name,
 )
+from distillation_operator.observed import Artifact, Observed
 from distillation_operator.reconcile import (
-    Artifact,
-    Observed,
     artifacts_to_probe,
     reconcile,
     retry_delay,
+    understand,
 )
 from distillation_runtime.cli import main as distill
-from distillation_runtime.plan import StageName, make_plan
+from distillation_runtime.plan import make_plan
 from distillation_runtime.spec import load_pipeline_spec
 
 IMAGES = Images("reg/runtime:1", "reg/quantize:1", "reg/vllm:1")
@@ -61,6 +61,10 @@ def step(obj: dict[str, Any], jobs: list[dict[str, Any]], now: datetime = NOW, *
     return actions
 
 
+def probe(obj: dict[str, Any], jobs: list[dict[str, Any]]) -> list[str]:
+    return artifacts_to_probe(understand(obj, jobs), NOW)
+
+
 def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in obj["status"]["conditions"]}
 
@@ -70,23 +74,23 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("name", ["demo", "7up", "a.b.c", "x" * 200])
 def test_rayjob_names_are_dns_1035_labels_kuberay_accepts(name: str) -> None:
-    built = rayjob_name(name, StageName.EVALUATE_QUANTIZED, 12)
+    built = rayjob_name(name, "evaluate-quantized", 12)
     assert len(built) <= MAX_RAYJOB_NAME
     assert DNS_1035.match(built), built
-    assert built == rayjob_name(name, StageName.EVALUATE_QUANTIZED, 12)
-    assert built != rayjob_name(name, StageName.EVALUATE_QUANTIZED, 13)
+    assert built == rayjob_name(name, "evaluate-quantized", 12)
+    assert built != rayjob_name(name, "evaluate-quantized", 13)
 
 
 def test_the_rayjob_carries_the_exact_pipeline_spec_distill_run_reads() -> None:
     obj = body(train={"workers": 3, "learningRate": "2e-5"})
     spec = DistillationSpec.model_validate(obj["spec"])
     plan = make_plan(spec.pipeline())
-    rayjob = build_rayjob(obj, spec, plan, StageName.TRAIN, 1, IMAGES)
+    rayjob = build_rayjob(obj, spec, plan, "train", 1, IMAGES)
     env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
     assert load_pipeline_spec(env[SPEC_ENV]) == spec.pipeline()
     assert rayjob["spec"]["entrypoint"] == f"distill stage train --config-env {SPEC_ENV}"
     meta = rayjob["metadata"]
-    assert meta["annotations"]["distillation.dev/fingerprint"] == plan[StageName.TRAIN].fingerprint
+    assert meta["annotations"]["distillation.dev/fingerprint"] == plan["train"].fingerprint
     assert meta["ownerReferences"][0]["uid"] == "u-1"
     assert meta["ownerReferences"][0]["controller"] is True
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
@@ -98,7 +102,7 @@ def test_the_rayjob_carries_the_exact_pipeline_spec_distill_run_reads() -> None:
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
     obj = body(secrets={"huggingFaceToken": {"name": "hub"}, "objectStore": {"name": "s3"}})
     spec = DistillationSpec.model_validate(obj["spec"])
-    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), StageName.GENERATE, 1, IMAGES)
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), "generate", 1, IMAGES)
     for group in [
         rayjob["spec"]["rayClusterSpec"]["headGroupSpec"],
         *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"],
@@ -115,7 +119,7 @@ def test_existing_cluster_kueue_deadline_and_quantize_image() -> None:
         policy={"stageDeadlineSeconds": 3600},
     )
     spec = DistillationSpec.model_validate(obj["spec"])
-    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), StageName.GENERATE, 1, IMAGES)
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), "generate", 1, IMAGES)
     assert rayjob["spec"]["clusterSelector"] == {"ray.io/cluster": "shared"}
     assert "rayClusterSpec" not in rayjob["spec"]
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is False  # never tear down theirs
@@ -124,7 +128,7 @@ def test_existing_cluster_kueue_deadline_and_quantize_image() -> None:
 
     obj = body(placement={"queueName": "team"}, quantize={"scheme": "W4A16"})
     spec = DistillationSpec.model_validate(obj["spec"])
-    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), StageName.QUANTIZE, 1, IMAGES)
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), "quantize", 1, IMAGES)
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
     assert "suspend" not in rayjob["spec"]  # Kueue owns it
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -207,7 +211,7 @@ def test_success_records_metrics_and_starts_the_next_stage() -> None:
 def test_a_complete_artifact_is_reused_without_a_rayjob() -> None:
     obj = body()
     spec = DistillationSpec.model_validate(obj["spec"])
-    uri = make_plan(spec.pipeline()).artifact(StageName.GENERATE)
+    uri = make_plan(spec.pipeline()).artifact("generate")
     actions = step(obj, [], artifacts={uri: Artifact(manifest={"metrics": {}})})
     assert [c["metadata"]["name"] for c in actions.create] == ["demo-train-1"]
     assert "reused" in obj["status"]["stages"][0]["message"]
@@ -257,11 +261,11 @@ def test_storage_is_read_only_for_stages_that_can_use_it() -> None:
     obj = body()
     spec = DistillationSpec.model_validate(obj["spec"])
     plan = make_plan(spec.pipeline())
-    generate, train = plan.artifact(StageName.GENERATE), plan.artifact(StageName.TRAIN)
-    assert artifacts_to_probe(obj, []) == [generate]  # may be reusable; train waits for it
+    generate, train = plan.artifact("generate"), plan.artifact("train")
+    assert probe(obj, []) == [generate]  # may be reusable; train waits for it
     job = step(obj, []).create[0]
-    assert artifacts_to_probe(obj, [job_status(job, jobDeploymentStatus="Running")]) == []
+    assert probe(obj, [job_status(job, jobDeploymentStatus="Running")]) == []
     done = job_status(job, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
-    assert artifacts_to_probe(obj, [done]) == [generate]  # its metrics
+    assert probe(obj, [done]) == [generate]  # its metrics
     step(obj, [done], artifacts={generate: Artifact(manifest={"metrics": {"records": 1}})})
-    assert artifacts_to_probe(obj, [done]) == [train]  # generate recorded; train about to start
+    assert probe(obj, [done]) == [train]  # generate recorded; train about to start

@@ -23,8 +23,9 @@ from distillation_operator.builders.common import (
     container_resources,
     fit_name,
 )
-from distillation_runtime.plan import Plan, StageName
+from distillation_runtime.plan import Plan
 from distillation_runtime.spec import dump_spec
+from distillation_runtime.stages import ImageKind, definition
 from distillation_runtime.storage import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, parse_uri
 from distillation_runtime.yamlio import dump_yaml
 
@@ -37,17 +38,17 @@ WORKER_DEFAULTS = StagePlacement(cpu="4", memory="16Gi", gpus=0, replicas=1)
 WORKER_GROUP = "workers"
 
 
-def rayjob_name(distillation: str, stage: StageName, attempt: int) -> str:
+def rayjob_name(distillation: str, stage: str, attempt: int) -> str:
     """``<distillation>-<stage>-<attempt>`` as a DNS-1035 label of at most 47 characters."""
     base = re.sub(r"[^a-z0-9-]", "-", distillation.lower())
     if not base[:1].isalpha():
         base = f"d-{base}"
-    return fit_name(f"{base}-{stage.value}-{attempt}", MAX_RAYJOB_NAME)
+    return fit_name(f"{base}-{stage}-{attempt}", MAX_RAYJOB_NAME)
 
 
-def entrypoint(stage: StageName) -> str:
+def entrypoint(stage: str) -> str:
     """The command the Ray driver runs (the same ``distill stage`` a user can run by hand)."""
-    return f"distill stage {stage.value} --config-env {SPEC_ENV}"
+    return f"{definition(stage).entrypoint} --config-env {SPEC_ENV}"
 
 
 def runtime_env_yaml(spec: DistillationSpec) -> str:
@@ -55,39 +56,37 @@ def runtime_env_yaml(spec: DistillationSpec) -> str:
     return dump_yaml({"env_vars": {SPEC_ENV: dump_yaml(dump_spec(spec.pipeline()))}})
 
 
-def placement_section(stage: StageName) -> str:
-    """The ``placement.stages`` field that sizes ``stage`` (evaluate-quantized uses evaluate's)."""
-    return "evaluate" if stage is StageName.EVALUATE_QUANTIZED else stage.value
-
-
-def stage_override(spec: DistillationSpec, stage: StageName) -> StagePlacement | None:
-    """``placement.stages.<stage>``, when set."""
+def stage_override(spec: DistillationSpec, stage: str) -> StagePlacement | None:
+    """``placement.stages.<section>``, when set (the stage table names the section:
+    evaluate-quantized is sized by evaluate's)."""
     stages = spec.placement.stages
-    found = getattr(stages, placement_section(stage)) if stages is not None else None
+    section_name = definition(stage).placement_section
+    found = getattr(stages, section_name, None) if stages is not None else None
     return found if isinstance(found, StagePlacement) else None
 
 
-def stage_workers(spec: DistillationSpec, stage: StageName) -> StagePlacement:
-    """Worker pods of ``stage``: its override, else placement.workers, else the defaults.
-
-    Training defaults to one pod per Ray Train worker (``train.workers``)."""
+def stage_workers(spec: DistillationSpec, stage: str) -> StagePlacement:
+    """Worker pods of ``stage``: its override, else placement.workers, else the stage table's
+    default (training: one pod per Ray Train worker, ``train.workers``), else one."""
     override, workers = stage_override(spec, stage), spec.placement.workers
     merged: dict[str, Any] = WORKER_DEFAULTS.model_dump(exclude_none=True)
     for layer in (workers, override):
         if layer is not None:
             merged.update(layer.model_dump(exclude_none=True))
     replicas_given = any(layer is not None and layer.replicas for layer in (workers, override))
-    if stage is StageName.TRAIN and not replicas_given:
-        merged["replicas"] = spec.train.workers
+    default_workers = definition(stage).default_workers
+    if default_workers is not None and not replicas_given:
+        merged["replicas"] = default_workers(spec)
     return StagePlacement.model_validate(merged)
 
 
-def stage_image(spec: DistillationSpec, stage: StageName, images: Images) -> str:
-    """The image of ``stage``: a per-stage override, the quantize image, or the runtime image."""
+def stage_image(spec: DistillationSpec, stage: str, images: Images) -> str:
+    """The image of ``stage``: a per-stage override, else the image of its kind (the stage
+    table's): the quantize image or the runtime image."""
     override = stage_override(spec, stage)
     if override is not None and override.image:
         return override.image
-    if stage is StageName.QUANTIZE:
+    if definition(stage).image is ImageKind.QUANTIZE:
         return spec.placement.quantize_image or images.quantize
     return spec.placement.image or images.runtime
 
@@ -160,7 +159,7 @@ def pod_template(
     return {"spec": pod}
 
 
-def ray_cluster_spec(spec: DistillationSpec, stage: StageName, images: Images) -> dict[str, Any]:
+def ray_cluster_spec(spec: DistillationSpec, stage: str, images: Images) -> dict[str, Any]:
     """A head group and one worker group sized for ``stage``."""
     image = stage_image(spec, stage, images)
     head = HEAD_DEFAULTS.model_copy(
@@ -190,16 +189,14 @@ def build_rayjob(
     body: dict[str, Any],
     spec: DistillationSpec,
     plan: Plan,
-    stage: StageName,
+    stage: str,
     attempt: int,
     images: Images,
 ) -> dict[str, Any]:
     """The RayJob of one attempt at ``stage`` of the Distillation ``body``."""
     name = rayjob_name(body["metadata"]["name"], stage, attempt)
     planned = plan[stage]
-    metadata = child_metadata(
-        body, name, stage.value, {LABEL_STAGE: stage.value, LABEL_ATTEMPT: str(attempt)}
-    )
+    metadata = child_metadata(body, name, stage, {LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)})
     metadata["annotations"] = {
         ANNOTATION_FINGERPRINT: planned.fingerprint,
         ANNOTATION_ARTIFACT: plan.artifact(stage),

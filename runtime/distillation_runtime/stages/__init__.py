@@ -1,1 +1,213 @@
-"""One module per stage; each reads top to bottom (config in, one loop, artifacts out)."""
+"""The stage table: every stage of the pipeline, one declarative entry each.
+
+    [prune] -> generate -> train -> evaluate -> [quantize -> evaluate-quantized]
+
+The plan (order, inputs, fingerprints), the local runner, ``distill stage``, the RayJob builder
+(image, placement, entrypoint), reconcile (conditions, the served model, the gate, the final
+metrics) and the CLI's results table all read this table. Adding a stage is one entry here plus
+its module beside this file, whose ``execute(context, folder)`` runs it.
+
+Importing this package is cheap (the operator does): each stage's module is imported only when
+the stage runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from distillation_runtime.spec import LogitSource, PipelineSpec
+from distillation_runtime.stages.base import (
+    MODEL_DIR,
+    ImageKind,
+    Role,
+    StageContext,
+    StageDefinition,
+    StageResult,
+)
+
+__all__ = [
+    "MODEL_DIR",
+    "STAGES",
+    "ImageKind",
+    "Role",
+    "StageContext",
+    "StageDefinition",
+    "StageResult",
+    "added_stage",
+    "definition",
+    "planned",
+]
+
+
+def _data(model: Any) -> Any:
+    """A spec section as canonical JSON data (defaults included, so adding a default that equals
+    the old value changes nothing)."""
+    return model.model_dump(mode="json", by_alias=True) if model is not None else None
+
+
+def _prune_config(spec: PipelineSpec) -> dict[str, Any]:
+    return {
+        "teacher": _data(spec.teacher),
+        "dataset": _data(spec.dataset),
+        "prune": _data(spec.student.prune),
+    }
+
+
+def _generate_config(spec: PipelineSpec) -> dict[str, Any]:
+    return {
+        "teacher": _data(spec.teacher),
+        "dataset": _data(spec.dataset),
+        "generate": _data(spec.generate),
+    }
+
+
+def needs_live_teacher(spec: PipelineSpec) -> bool:
+    """Training loads the teacher's weights for online logits or feature distillation."""
+    logits = spec.train.losses.logits
+    online = logits is not None and logits.source is LogitSource.ONLINE
+    return spec.train.losses.features is not None or online
+
+
+def _train_config(spec: PipelineSpec) -> dict[str, Any]:
+    return {
+        "student": {
+            "model": spec.student.model,
+            "dtype": spec.student.dtype.value,
+            "trustRemoteCode": spec.student.trust_remote_code,
+        },
+        "train": _data(spec.train),
+        "teacher": _data(spec.teacher) if needs_live_teacher(spec) else None,
+    }
+
+
+def _train_inputs(spec: PipelineSpec) -> tuple[str, ...]:
+    return ("generate",) + (("prune",) if spec.student.prune is not None else ())
+
+
+def _evaluate_config(spec: PipelineSpec) -> dict[str, Any]:
+    return {"evaluate": _data(spec.evaluate)}
+
+
+def _quantize_config(spec: PipelineSpec) -> dict[str, Any]:
+    return {"quantize": _data(spec.quantize)}
+
+
+def _pruning(spec: PipelineSpec) -> bool:
+    return spec.student.prune is not None
+
+
+def _quantizing(spec: PipelineSpec) -> bool:
+    return spec.quantize is not None
+
+
+STAGES: list[StageDefinition] = [
+    StageDefinition(
+        name="prune",
+        condition="Pruned",
+        run="distillation_runtime.stages.prune:execute",
+        fingerprint=_prune_config,
+        enabled=_pruning,
+        placement_doc="Prune stage workers.",
+        results=("studentParameters",),
+        exports={
+            "teacherParameters": "teacherParameters",
+            "studentParameters": "studentParameters",
+        },
+    ),
+    StageDefinition(
+        name="generate",
+        condition="TeacherDataGenerated",
+        run="distillation_runtime.stages.generate:execute",
+        fingerprint=_generate_config,
+        placement_doc="Teacher generation workers.",
+        results=("records", "tokensPerSecond"),
+    ),
+    StageDefinition(
+        name="train",
+        condition="StudentTrained",
+        run="distillation_runtime.stages.train:execute",
+        fingerprint=_train_config,
+        inputs=_train_inputs,
+        placement_doc="Training workers.",
+        default_workers=lambda spec: spec.train.workers,
+        roles=frozenset({Role.STUDENT}),
+        results=("finalLoss", "steps"),
+    ),
+    StageDefinition(
+        name="evaluate",
+        condition="Evaluated",
+        run="distillation_runtime.stages.evaluate:execute",
+        fingerprint=_evaluate_config,
+        inputs=lambda spec: ("train", "generate"),
+        placement_doc="Evaluation workers.",
+        roles=frozenset({Role.GATE}),
+        exports={"unquantized.retention": "retention"},
+        results=("gatePassed", "retention"),
+    ),
+    StageDefinition(
+        name="quantize",
+        condition="Quantized",
+        run="distillation_runtime.stages.quantize:execute",
+        fingerprint=_quantize_config,
+        inputs=lambda spec: ("train", "generate"),
+        enabled=_quantizing,
+        image=ImageKind.QUANTIZE,
+        placement_doc="Quantisation workers.",
+        roles=frozenset({Role.STUDENT}),
+        exports={
+            "scheme": "scheme",
+            "sizeBytesBefore": "sizeBytesBefore",
+            "sizeBytesAfter": "sizeBytesAfter",
+            "compression": "compression",
+        },
+        results=("scheme", "compression"),
+        requires="distillation_runtime.stages.quantize:require_llmcompressor",
+    ),
+    StageDefinition(
+        name="evaluate-quantized",
+        condition="QuantizedEvaluated",
+        run="distillation_runtime.stages.evaluate:execute",
+        fingerprint=_evaluate_config,
+        inputs=lambda spec: ("quantize", "generate"),
+        enabled=_quantizing,
+        placement="evaluate",
+        roles=frozenset({Role.GATE}),
+        results=("gatePassed", "retention"),
+    ),
+]
+"""Every stage, in an order where each comes after its inputs."""
+
+
+def definition(name: str) -> StageDefinition:
+    """The table entry of ``name``; a KeyError listing the stages when there is none."""
+    for entry in STAGES:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"no stage {name!r}; the stages are {[s.name for s in STAGES]}")
+
+
+def planned(spec: PipelineSpec) -> list[StageDefinition]:
+    """The table entries this spec runs, in table order."""
+    return [entry for entry in STAGES if entry.enabled(spec)]
+
+
+@contextmanager
+def added_stage(entry: StageDefinition, *, after: str) -> Iterator[StageDefinition]:
+    """The table with ``entry`` inserted after the stage ``after``, for as long as the block
+    runs (how a test, or a plugin being tried out, adds a stage)."""
+    position = [s.name for s in STAGES].index(after) + 1
+    STAGES.insert(position, entry)
+    try:
+        yield entry
+    finally:
+        STAGES.remove(entry)
+
+
+def placement_sections(stages: Sequence[StageDefinition] | None = None) -> dict[str, str]:
+    """``placement.stages`` field -> its documentation, one per distinct section."""
+    sections: dict[str, str] = {}
+    for entry in STAGES if stages is None else stages:
+        sections.setdefault(entry.placement_section, entry.placement_doc)
+    return sections

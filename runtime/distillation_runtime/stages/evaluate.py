@@ -34,6 +34,7 @@ from distillation_runtime.metrics import (
 )
 from distillation_runtime.records import Record
 from distillation_runtime.spec import EvaluateSpec
+from distillation_runtime.stages.base import MODEL_DIR, Role, StageContext, StageResult
 
 REPORT_FILE = "report.json"
 MODEL_CARD = "README.md"
@@ -262,3 +263,59 @@ def run(job: EvaluateJob) -> dict[str, Any]:
         plot_losses(Path(job.train_metrics), output / "loss.png")
     (output / MODEL_CARD).write_text(model_card(report))
     return report
+
+
+def student_source(context: StageContext, stage: str) -> str:
+    """The stage whose student ``stage`` evaluates: its input with the student role (the
+    trained student, or the quantised one)."""
+    inputs = context.plan[stage].inputs
+    sources = [i for i in inputs if Role.STUDENT in context.plan[i].definition.roles]
+    if len(sources) != 1:
+        raise ValueError(f"stage {stage} must read exactly one student stage, reads {inputs}")
+    return sources[0]
+
+
+def execute(context: StageContext, folder: Path) -> StageResult:
+    """The stage: the student of the planned stage being run, against the teacher."""
+    return evaluate_student(context, folder, student_source(context, context.current))
+
+
+def evaluate_student(context: StageContext, folder: Path, source: str) -> StageResult:
+    """The student of ``source`` (trained, or trained then quantised) against the teacher: the
+    same prompts, metrics and gate either way."""
+    from distillation_runtime.stages.generate import EVAL_FILE
+    from distillation_runtime.stages.train import METRICS_FILE
+
+    spec = context.spec
+    trained = context.local(context.artifact("train"))
+    student = context.local(context.artifact(source))
+    generated = context.local(context.artifact("generate"))
+    lineage = {
+        "teacher": spec.teacher.model,
+        "student (start)": spec.student.model or f"pruned teacher ({context.artifact('prune')})",
+        "data": spec.dataset.prompts,
+        "train artifact": context.artifact("train"),
+    }
+    if source != "train":
+        lineage[f"{source} artifact"] = context.artifact(source)
+    job = EvaluateJob(
+        student=str(student / MODEL_DIR),
+        teacher=str(context.local(spec.teacher.model)),
+        records=str(generated / EVAL_FILE),
+        output=str(folder),
+        evaluate=spec.evaluate,
+        max_new_tokens=spec.generate.max_new_tokens,
+        train_metrics=str(trained / METRICS_FILE),
+        lineage=lineage,
+    )
+    report = run(job)
+    gate = report["gate"]
+    metrics = {
+        "gatePassed": gate["passed"],
+        "gateMetric": gate["metric"],
+        "retention": gate["retention"],
+        **{f"student.{k}": v for k, v in report["student"].items()},
+        **{f"teacher.{k}": v for k, v in report["teacher"].items()},
+    }
+    inputs = {source: context.artifact(source), "generate": context.artifact("generate")}
+    return StageResult(metrics, inputs)

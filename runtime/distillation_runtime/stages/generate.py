@@ -24,6 +24,7 @@ from typing import Any
 
 from distillation_runtime.records import Record
 from distillation_runtime.spec import GenerateBackend, GenerateSpec
+from distillation_runtime.stages.base import StageContext, StageResult
 
 TRAIN_FILE = "train.parquet"
 EVAL_FILE = "eval.parquet"
@@ -271,3 +272,36 @@ def _generate_vllm(
         for record in records_from_vllm([output], spec.top_logprobs):
             rows.append((prompt.split, Record(**{**vars(record), "reference": prompt.reference})))
     return rows
+
+
+def execute(context: StageContext, folder: Path) -> StageResult:
+    """The stage: load the workload's prompts, split them, let the teacher answer into
+    ``folder``."""
+    from transformers import AutoTokenizer
+
+    from distillation_runtime.data import load_prompts
+
+    spec = context.spec
+    teacher = context.local(spec.teacher.model)
+    prompts = load_prompts(spec.dataset, AutoTokenizer.from_pretrained(teacher))
+    items = [PromptItem(p.text, "train", p.reference) for p in prompts.train]
+    items += [PromptItem(p.text, "eval", p.reference) for p in prompts.eval]
+    result = run(
+        str(teacher),
+        items,
+        spec.generate,
+        folder,
+        tensor_parallel_size=spec.teacher.tensor_parallel_size,
+    )
+    metrics = {
+        "prompts": len(items),
+        "trainPrompts": len(prompts.train),
+        "evalPrompts": len(prompts.eval),
+        "duplicatesDropped": prompts.duplicates,
+        "records": result.records,
+        "responseTokens": result.response_tokens,
+        "tokensPerSecond": round(result.response_tokens / max(result.seconds, 1e-9), 2),
+        "bytesPerToken": round(result.bytes_per_token, 2),
+        "backend": result.backend,
+    }
+    return StageResult(metrics)

@@ -36,8 +36,8 @@ from distillation_runtime.prune import (
     shape_of,
 )
 from distillation_runtime.spec import DType, PruneSpec
+from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
 
-MODEL_DIR = "model"
 IMPORTANCE_FILE = "importance.safetensors"
 REPORT_FILE = "prune.json"
 
@@ -209,3 +209,87 @@ def run(job: PruneJob) -> PruneResult:
     )
     (output / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# The stage (the stage table's entry point)
+# --------------------------------------------------------------------------------------------
+
+
+def importance_key(context: StageContext) -> str:
+    """What the importance scores depend on: the teacher and the calibration prompts, not the
+    target. Two prunes with the same key share one set of scores."""
+    import hashlib
+
+    spec = context.spec
+    prune = spec.student.prune
+    assert prune is not None
+    canonical = json.dumps(
+        {
+            "teacher": spec.teacher.model_dump(mode="json", by_alias=True),
+            "dataset": spec.dataset.model_dump(mode="json", by_alias=True),
+            "calibrationSamples": prune.calibration_samples,
+            "depthImportance": prune.depth_importance.value,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def saved_importance(context: StageContext, key: str) -> Path | None:
+    """The importance scores of a complete earlier prune artifact under the same output with
+    the same key, fetched to a local file; None when there is none."""
+    from distillation_runtime.storage import artifact_complete, filesystem, read_manifest
+
+    output = context.spec.output
+    fs, root = filesystem(output)
+    for folder in sorted(fs.glob(f"{root}/prune-*")):
+        uri = f"{output.rstrip('/')}/{folder.rstrip('/').rsplit('/', 1)[-1]}"
+        if not artifact_complete(uri):
+            continue
+        if read_manifest(uri).get("metrics", {}).get("importanceKey") != key:
+            continue
+        local = context.work / f"importance-{key}.safetensors"
+        fs.get(f"{folder}/{IMPORTANCE_FILE}", str(local))
+        return local
+    return None
+
+
+def execute(context: StageContext, folder: Path) -> StageResult:
+    """Prune the teacher into ``folder``, reusing saved importance scores when there are some."""
+    from transformers import AutoTokenizer
+
+    from distillation_runtime.data import load_prompts
+
+    spec = context.spec
+    prune = spec.student.prune
+    assert prune is not None
+    teacher = context.local(spec.teacher.model)
+    key = importance_key(context)
+    saved = saved_importance(context, key)
+    prompts: list[str] = []
+    if saved is None:
+        loaded = load_prompts(spec.dataset, AutoTokenizer.from_pretrained(teacher))
+        prompts = [p.text for p in loaded.train[: prune.calibration_samples]]
+    else:
+        context.log(f"prune: reusing importance scores {key} (no forward passes)")
+    job = PruneJob.from_spec(
+        prune,
+        teacher=str(teacher),
+        prompts=prompts,
+        output=str(folder),
+        importance=str(saved) if saved else None,
+        dtype=spec.teacher.dtype,
+    )
+    result = run(job)
+    metrics = {
+        "architecture": result.architecture,
+        "teacherParameters": result.teacher_parameters,
+        "studentParameters": result.student_parameters,
+        "keptLayers": result.kept_layers,
+        "student": result.student,
+        "calibrationSamples": result.calibration_samples,
+        "importanceReused": result.importance_reused,
+        "importanceKey": key,
+    }
+    return StageResult(metrics)

@@ -30,8 +30,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillation_runtime.spec import QuantizeSpec, QuantScheme
+from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
 
-MODEL_DIR = "model"
 REPORT_FILE = "quantize.json"
 ALWAYS_IGNORED = "lm_head"
 
@@ -241,3 +241,36 @@ def run(job: QuantizeJob) -> QuantizeResult:
     )
     (output / REPORT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def execute(context: StageContext, folder: Path) -> StageResult:
+    """The stage: quantise the trained student into ``folder``, calibrated on the teacher's
+    training records."""
+    from distillation_runtime.stages.generate import TRAIN_FILE
+
+    spec = context.spec
+    assert spec.quantize is not None
+    trained = context.local(context.artifact("train"))
+    generated = context.local(context.artifact("generate"))
+    result = run(
+        QuantizeJob(
+            model=str(trained / MODEL_DIR),
+            output=str(folder),
+            quantize=spec.quantize,
+            calibration=str(generated / TRAIN_FILE),
+            max_seq_length=spec.train.max_seq_length,
+        )
+    )
+    metrics = {
+        "scheme": result.scheme,
+        "format": result.format,
+        "minComputeCapability": result.min_compute_capability,
+        "ignored": result.ignored,
+        "sizeBytesBefore": result.size_bytes_before,
+        "sizeBytesAfter": result.size_bytes_after,
+        "groupSize": result.group_size,
+        "compression": round(result.compression, 3),
+        "calibrationSamples": result.calibration_samples,
+    }
+    inputs = {"train": context.artifact("train"), "generate": context.artifact("generate")}
+    return StageResult(metrics, inputs)

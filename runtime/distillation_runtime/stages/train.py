@@ -1,13 +1,20 @@
 """The train stage: the student learns from the teacher's answers (and, optionally, its logits
 and hidden states).
 
-Reads top to bottom like nanoGPT's train.py: config in, one visible loop, artifacts out.
+Reads like a recipe (torchtune's setup, train, save; nanoGPT's one visible loop)::
+
+    state = setup(job)                      # models, optimizer, schedule, data; resumes
+    while state.step < state.total:
+        parts, tokens = train_step(state)   # one optimizer step
+        ...                                 # a metrics line; a checkpoint every so often
+    save(state)                             # the final model
 
 - Data: the generate stage's records (Parquet), each worker taking every ``world``-th record.
 - Losses: response (cross-entropy on the teacher's tokens) and logits (online from the live
   teacher, or offline from its stored top-k) through the memory-bounded chunked loss, which
-  never materialises [batch, sequence, vocabulary]; features (hidden states through a learned
-  projection) when a layer map is given.
+  never materialises [batch, sequence, vocabulary], with its options built once from the spec
+  (``losses.LogitLossOptions``); features (hidden states through a learned projection) when a
+  layer map is given.
 - Optimiser: AdamW, warm-up then cosine/linear/constant, gradient accumulation and clipping.
 - Workers: one process, or N Ray Train workers (gloo on CPU). Gradients are averaged with one
   all-reduce per step, so the loss code sees plain modules.
@@ -26,15 +33,21 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillation_runtime.spec import LogitSource, TrainSpec
+from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
+
+if TYPE_CHECKING:
+    from distillation_runtime.losses import LogitLossOptions
+    from distillation_runtime.records import Batch, Record
 
 CHECKPOINTS = "checkpoints"
-FINAL_MODEL = "model"
+FINAL_MODEL = MODEL_DIR
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -112,8 +125,98 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# Setup: everything the loop needs, resumed from the latest checkpoint
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """What the loop reads and advances: :func:`setup` builds it, checkpoints keep it.
+
+    ``step`` counts the optimizer steps done (the loop moves it, with the weights and the
+    optimizer's and scheduler's state); ``total`` is where it stops, ``per_epoch`` steps a pass.
+    """
+
+    job: TrainJob
+    rank: int
+    world: int
+    device: Any
+    amp: str | None  # the dtype forward passes run in (autocast_dtype); None for fp32
+    tokenizer: Any
+    student: Any
+    teacher: Any  # None unless online logits or features need it live
+    projector: Any  # the feature projection (losses.FeatureProjector); None without features
+    trainable: list[Any]
+    optimizer: Any
+    scheduler: Any
+    records: list[Record]
+    loss_options: LogitLossOptions
+    per_epoch: int
+    total: int
+    step: int = 0
+
+    @property
+    def spec(self) -> TrainSpec:
+        return self.job.train
+
+    @property
+    def output(self) -> Path:
+        return Path(self.job.output)
+
+
+def setup(job: TrainJob) -> TrainingState:
+    """Models, optimizer, schedule and data for this worker, resumed from the latest checkpoint."""
+    import torch
+
+    from distillation_runtime.losses import LogitLossOptions
+    from distillation_runtime.records import read_parquet
+
+    spec = job.train
+    rank, world = _world()
+    torch.manual_seed(spec.seed)
+    device = _device()
+    tokenizer, student, teacher, compare_vocab = _models(job, device)
+    amp = autocast_dtype(
+        spec.precision.value,
+        device.type,
+        device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    projector = _projector(spec, student, teacher, device)
+    trainable = [*student.parameters(), *(projector.parameters() if projector is not None else [])]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=float(spec.learning_rate), weight_decay=float(spec.weight_decay)
+    )
+    records = read_parquet(Path(job.data))
+    per_epoch = steps_per_epoch(len(records), spec.batch_size, spec.gradient_accumulation, world)
+    total = per_epoch * spec.epochs
+    if job.max_steps is not None:
+        total = min(total, job.max_steps)
+    warmup = int(float(spec.warmup_ratio) * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, spec.scheduler.value)
+    )
+    state = TrainingState(
+        job=job,
+        rank=rank,
+        world=world,
+        device=device,
+        amp=amp,
+        tokenizer=tokenizer,
+        student=student,
+        teacher=teacher,
+        projector=projector,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        records=records,
+        loss_options=LogitLossOptions.from_spec(spec.losses, compare_vocab),
+        per_epoch=per_epoch,
+        total=total,
+    )
+    _resume(state)
+    state.output.mkdir(parents=True, exist_ok=True)
+    student.train()
+    return state
 
 
 def _load(path: str, dtype: str, device: Any) -> Any:
@@ -122,6 +225,50 @@ def _load(path: str, dtype: str, device: Any) -> Any:
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+
+
+def _models(job: TrainJob, device: Any) -> tuple[Any, Any, Any, int | None]:
+    """Tokenizer, student, teacher (None unless needed live) and how many ids the logits compare.
+
+    Logit and feature losses compare the models token by token: a teacher with another
+    tokenizer is refused up front, before any step runs.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distillation_runtime import losses as kd
+
+    losses = job.train.losses
+    tokenizer = AutoTokenizer.from_pretrained(job.student)
+    student = _load(job.student, "float32", device)
+    compare_vocab = None
+    if job.teacher is not None and (losses.logits is not None or losses.features is not None):
+        teacher_tokenizer = AutoTokenizer.from_pretrained(job.teacher)
+        kd.check_same_tokenizer(tokenizer, teacher_tokenizer)
+        compare_vocab = kd.shared_vocab_size(
+            student.get_output_embeddings().weight.shape[0],
+            AutoConfig.from_pretrained(job.teacher).vocab_size,
+            len(tokenizer),
+            len(teacher_tokenizer),
+        )
+    teacher = None
+    if job.needs_teacher:
+        if job.teacher is None:
+            raise ValueError("online logits and features need the teacher: TrainJob.teacher")
+        teacher = _load(job.teacher, "auto", device).eval().requires_grad_(False)
+    return tokenizer, student, teacher, compare_vocab
+
+
+def _projector(spec: TrainSpec, student: Any, teacher: Any, device: Any) -> Any:
+    """The learned feature projection, trained with the student; None without feature losses."""
+    from distillation_runtime import losses as kd
+
+    features = spec.losses.features
+    if features is None or teacher is None:
+        return None
+    pairs = [(p.student, p.teacher) for p in features.layer_map]
+    return kd.FeatureProjector(pairs, student.config.hidden_size, teacher.config.hidden_size).to(
+        device
+    )
 
 
 def _device() -> Any:
@@ -149,15 +296,25 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(model: Any, world: int) -> None:
-    import torch.distributed as dist
+def _resume(state: TrainingState) -> None:
+    """Continue from the newest complete checkpoint, if there is one."""
+    import torch
 
-    if world == 1:
+    resume = latest_checkpoint(state.output)
+    if resume is None:
         return
-    for parameter in model.parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
-            parameter.grad /= world
+    saved = torch.load(resume / "state.pt", weights_only=False, map_location=state.device)
+    state.student.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.projector is not None and saved.get("projector"):
+        state.projector.load_state_dict(saved["projector"])
+    state.step = saved["step"]
+    if state.rank == 0:
+        _truncate_metrics(state.output / METRICS_FILE, state.step)
+        print(
+            f"train: resuming from {resume} (step {state.step} of {state.total})", file=sys.stderr
+        )
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -170,188 +327,96 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     partial.replace(path)
 
 
-def _save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> None:
-    import torch
-
-    folder = output / CHECKPOINTS
-    final = folder / f"step-{step}"
-    partial = folder / f"step-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    torch.save(state, partial / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    for old in complete_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
 
 
 def train_worker(job_data: dict[str, Any]) -> None:
-    """The per-worker loop (Ray Train calls it with the job as a dict)."""
-    import torch
-
-    from distillation_runtime import losses as kd
-    from distillation_runtime.records import collate, read_parquet
-
+    """One worker's run (Ray Train calls it with the job as a dict): setup, the loop, save."""
     job = TrainJob.model_validate(job_data)
-    spec = job.train
-    rank, world = _world()
-    output = Path(job.output)
-    torch.manual_seed(spec.seed)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(job.student)
-    device = _device()
-    student = _load(job.student, "float32", device)
-    amp = autocast_dtype(
-        spec.precision.value,
-        device.type,
-        device.type == "cuda" and torch.cuda.is_bf16_supported(),
-    )
-    teacher = None
-    compare_vocab = None
-    if job.teacher is not None and (spec.losses.logits or spec.losses.features):
-        # Logit and feature losses compare token by token: refuse another tokenizer up front.
-        from transformers import AutoConfig
-
-        teacher_tokenizer = AutoTokenizer.from_pretrained(job.teacher)
-        kd.check_same_tokenizer(tokenizer, teacher_tokenizer)
-        compare_vocab = kd.shared_vocab_size(
-            student.get_output_embeddings().weight.shape[0],
-            AutoConfig.from_pretrained(job.teacher).vocab_size,
-            len(tokenizer),
-            len(teacher_tokenizer),
-        )
-    if job.needs_teacher:
-        if job.teacher is None:
-            raise ValueError("online logits and features need the teacher: TrainJob.teacher")
-        teacher = _load(job.teacher, "auto", device).eval().requires_grad_(False)
-    logits_spec = spec.losses.logits
-    features_spec = spec.losses.features
-    projector = None
-    if features_spec is not None and teacher is not None:
-        pairs = [(p.student, p.teacher) for p in features_spec.layer_map]
-        projector = kd.FeatureProjector(
-            pairs, student.config.hidden_size, teacher.config.hidden_size
-        ).to(device)
-    trainable = list(student.parameters()) + (list(projector.parameters()) if projector else [])
-    optimizer = torch.optim.AdamW(
-        trainable, lr=float(spec.learning_rate), weight_decay=float(spec.weight_decay)
-    )
-
-    records = read_parquet(Path(job.data))
-    per_epoch = steps_per_epoch(len(records), spec.batch_size, spec.gradient_accumulation, world)
-    total = per_epoch * spec.epochs
-    if job.max_steps is not None:
-        total = min(total, job.max_steps)
-    warmup = int(float(spec.warmup_ratio) * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, spec.scheduler.value)
-    )
-
-    step = 0
-    resume = latest_checkpoint(output)
-    if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=False, map_location=device)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if projector is not None and state.get("projector"):
-            projector.load_state_dict(state["projector"])
-        step = state["step"]
-        if rank == 0:
-            _truncate_metrics(output / METRICS_FILE, step)
-            print(f"train: resuming from {resume} (step {step} of {total})", file=sys.stderr)
-
-    head = student.get_output_embeddings().weight
-    micro = spec.batch_size
-    metrics_path = output / METRICS_FILE
-    output.mkdir(parents=True, exist_ok=True)
-    progress = _progress(total, step) if rank == 0 else None
-    student.train()
-    while step < total:
-        epoch, in_epoch = divmod(step, per_epoch)
-        order = epoch_order(len(records), epoch, spec.seed)[rank::world]
+    state = setup(job)
+    progress = _progress(state.total, state.step) if state.rank == 0 else None
+    while state.step < state.total:
+        epoch = state.step // state.per_epoch
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        parts_sum: dict[str, float] = {}
-        tokens = 0
-        for micro_step in range(spec.gradient_accumulation):
-            first = (in_epoch * spec.gradient_accumulation + micro_step) * micro
-            chosen = [records[i] for i in order[first : first + micro]]
-            if not chosen:
-                continue
-            top_k = logits_spec.top_k if logits_spec is not None else None
-            batch = collate(chosen, tokenizer.pad_token_id, spec.max_seq_length, top_k).to(device)
-            with torch.autocast(
-                device.type, dtype=getattr(torch, amp or "float32"), enabled=bool(amp)
-            ):
-                parts = _loss_parts(student, teacher, projector, head, batch, spec, compare_vocab)
-            (parts["loss"] / spec.gradient_accumulation).backward()
-            tokens += batch.tokens
-            for name, value in parts.items():
-                parts_sum[name] = (
-                    parts_sum.get(name, 0.0) + float(value.detach()) / spec.gradient_accumulation
-                )
-        _average_gradients(student, world)
-        if projector is not None:
-            _average_gradients(projector, world)
-        if float(spec.max_grad_norm) > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, float(spec.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        step += 1
+        parts, tokens = train_step(state)
         elapsed = time.perf_counter() - started
-        if rank == 0:
-            line = {
-                "step": step,
-                "epoch": epoch,
-                **{k: round(v, 6) for k, v in parts_sum.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": tokens * world,
-                "tokens_per_s": round(tokens * world / max(elapsed, 1e-9), 1),
-            }
-            with metrics_path.open("a") as f:
+        if state.rank == 0:
+            line = _metrics_line(state, epoch, parts, tokens * state.world, elapsed)
+            with (state.output / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if progress is not None:
-                progress(step, parts_sum.get("loss", 0.0))
-            if step % job.checkpoint_every == 0 or step == total:
-                state = {
-                    "model": student.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "projector": projector.state_dict() if projector else None,
-                    "step": step,
-                }
-                _save_checkpoint(output, step, state, job.keep_checkpoints)
-
-    if rank == 0:
-        final = output / FINAL_MODEL
-        partial = output / f"{FINAL_MODEL}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        student.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+                progress(state.step, parts.get("loss", 0.0))
+            if state.step % job.checkpoint_every == 0 or state.step == state.total:
+                save_checkpoint(state)
+    if state.rank == 0:
+        save(state)
 
 
-def _loss_parts(
-    student: Any,
-    teacher: Any,
-    projector: Any,
-    head: Any,
-    batch: Any,
-    spec: TrainSpec,
-    compare_vocab: int | None,
-) -> dict[str, Any]:
+def train_step(state: TrainingState) -> tuple[dict[str, float], int]:
+    """One optimizer step over ``gradient_accumulation`` micro-batches, gradients averaged over
+    the workers. Returns each loss part (mean over the micro-batches) and this worker's tokens.
+    """
+    import torch
+
+    from distillation_runtime.records import collate
+
+    spec = state.spec
+    accumulation = spec.gradient_accumulation
+    top_k = spec.losses.logits.top_k if spec.losses.logits is not None else None
+    autocast = getattr(torch, state.amp or "float32")
+    state.optimizer.zero_grad(set_to_none=True)
+    parts_sum: dict[str, float] = {}
+    tokens = 0
+    for chosen in _micro_batches(state):
+        batch = collate(chosen, state.tokenizer.pad_token_id, spec.max_seq_length, top_k)
+        batch = batch.to(state.device)
+        with torch.autocast(state.device.type, dtype=autocast, enabled=bool(state.amp)):
+            parts = _loss_parts(state, batch)
+        (parts["loss"] / accumulation).backward()
+        tokens += batch.tokens
+        for name, value in parts.items():
+            parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) / accumulation
+    _average_gradients(state.student, state.world)
+    if state.projector is not None:
+        _average_gradients(state.projector, state.world)
+    if float(spec.max_grad_norm) > 0:
+        torch.nn.utils.clip_grad_norm_(state.trainable, float(spec.max_grad_norm))
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return parts_sum, tokens
+
+
+def _micro_batches(state: TrainingState) -> list[list[Record]]:
+    """This worker's records for the next optimizer step, one list per micro-batch (none empty).
+
+    The position in the epoch follows from ``state.step`` alone, so a resumed run picks up the
+    same records an uninterrupted one would.
+    """
+    spec = state.spec
+    size, accumulation = spec.batch_size, spec.gradient_accumulation
+    epoch, in_epoch = divmod(state.step, state.per_epoch)
+    order = epoch_order(len(state.records), epoch, spec.seed)[state.rank :: state.world]
+    batches = []
+    for micro_step in range(accumulation):
+        first = (in_epoch * accumulation + micro_step) * size
+        chosen = [state.records[i] for i in order[first : first + size]]
+        if chosen:
+            batches.append(chosen)
+    return batches
+
+
+def _loss_parts(state: TrainingState, batch: Batch) -> dict[str, Any]:
     """Forward the student (and the teacher when needed) and compute every loss part."""
     import torch
 
     from distillation_runtime import losses as kd
 
-    losses = spec.losses
-    logits_spec = losses.logits
-    features_spec = losses.features
+    student, teacher, projector = state.student, state.teacher, state.projector
+    logits_spec = state.spec.losses.logits
+    features_spec = state.spec.losses.features
     want_states = features_spec is not None
     out = student.get_decoder()(
         input_ids=batch.input_ids,
@@ -379,24 +444,18 @@ def _loss_parts(
             t_hidden.reshape(-1, t_hidden.shape[-1]), teacher.get_output_embeddings().weight
         )
     elif logits_spec is not None and batch.topk_ids is not None:
+        assert batch.topk_logprobs is not None
         k = batch.topk_ids.shape[-1]
         teacher_source = kd.OfflineTeacher(
             batch.topk_ids.reshape(-1, k), batch.topk_logprobs.reshape(-1, k)
         )
     parts: dict[str, Any] = kd.chunked_logit_losses(
         hidden,
-        head,
+        student.get_output_embeddings().weight,
         target_ids=batch.targets.reshape(-1),
         mask=mask,
         teacher=teacher_source,
-        response_weight=float(losses.response),
-        kd_weight=float(logits_spec.weight) if logits_spec is not None else 0.0,
-        divergence=logits_spec.divergence.value if logits_spec is not None else "forwardKL",
-        beta=logits_spec.jsd_beta if logits_spec is not None else 0.5,
-        temperature=float(logits_spec.temperature) if logits_spec is not None else 1.0,
-        missing_mass=logits_spec.missing_mass.value if logits_spec is not None else "ignore",
-        chunk_size=logits_spec.chunk_size if logits_spec is not None else 512,
-        compare_vocab=compare_vocab,
+        options=state.loss_options,
     )
     if features_spec is not None and projector is not None and teacher_out is not None:
         s_states = [
@@ -411,6 +470,31 @@ def _loss_parts(
         parts["features"] = feature
         parts["loss"] = parts["loss"] + float(features_spec.weight) * feature
     return parts
+
+
+def _average_gradients(model: Any, world: int) -> None:
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world
+
+
+def _metrics_line(
+    state: TrainingState, epoch: int, parts: dict[str, float], tokens: int, elapsed: float
+) -> dict[str, Any]:
+    """One line of metrics.jsonl: the step just done, each loss part, the rate, throughput."""
+    return {
+        "step": state.step,
+        "epoch": epoch,
+        **{k: round(v, 6) for k, v in parts.items()},
+        "lr": state.scheduler.get_last_lr()[0],
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+    }
 
 
 def _progress(total: int, start: int) -> Any:
@@ -435,6 +519,53 @@ def _progress(total: int, start: int) -> Any:
             print(file=sys.stderr)
 
     return show
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: TrainingState) -> Path:
+    """``checkpoints/step-N``: weights, optimizer, schedule and step, for a resume.
+
+    Written to ``step-N.partial``, then renamed: a folder without the suffix is whole. Keeps the
+    newest ``keep_checkpoints``.
+    """
+    import torch
+
+    folder = state.output / CHECKPOINTS
+    partial = folder / f"step-{state.step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    saved = {
+        "model": state.student.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "projector": state.projector.state_dict() if state.projector is not None else None,
+        "step": state.step,
+    }
+    torch.save(saved, partial / "state.pt")
+    final = _publish(partial, folder / f"step-{state.step}")
+    for old in complete_checkpoints(state.output)[: -state.job.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save(state: TrainingState) -> Path:
+    """The final model in ``<output>/model``: safetensors, config, generation config, tokenizer."""
+    partial = state.output / f"{FINAL_MODEL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    state.student.save_pretrained(partial, safe_serialization=True)
+    state.tokenizer.save_pretrained(partial)
+    return _publish(partial, state.output / FINAL_MODEL)
+
+
+def _publish(partial: Path, final: Path) -> Path:
+    """Put a fully written folder in place of ``final`` (readers never see half of one)."""
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,3 +607,31 @@ def _run_with_ray(job: TrainJob) -> None:
         ),
     )
     trainer.fit()
+
+
+def execute(context: StageContext, folder: Path) -> StageResult:
+    """The stage: train the student (given, or the pruned teacher) on the teacher's records.
+    Works in a stable folder (``<work>/train-<fingerprint>``), so a killed run resumes from its
+    last checkpoint; the final model and the metrics are copied into ``folder``."""
+    from distillation_runtime.stages.generate import TRAIN_FILE
+
+    spec = context.spec
+    stage = context.plan[context.current]
+    generated = context.local(context.artifact("generate"))
+    if spec.student.model is not None:
+        student = context.local(spec.student.model)
+    else:
+        student = context.local(context.artifact("prune")) / MODEL_DIR
+    job = TrainJob(
+        student=str(student),
+        teacher=str(context.local(spec.teacher.model)),
+        data=str(generated / TRAIN_FILE),
+        output=str(context.work / f"train-{stage.fingerprint}"),
+        train=spec.train,
+    )
+    model = run(job)
+    shutil.copytree(model, folder / FINAL_MODEL)
+    shutil.copy(Path(job.output) / METRICS_FILE, folder / METRICS_FILE)
+    lines = [json.loads(x) for x in (folder / METRICS_FILE).read_text().splitlines() if x]
+    metrics = {"steps": len(lines), "finalLoss": lines[-1]["loss"] if lines else None}
+    return StageResult(metrics, {"generate": context.artifact("generate")})

@@ -1,11 +1,28 @@
-"""Tiny models, tokenizers and tasks made on the spot: tests, benchmarks and examples download
-nothing.
+"""Tiny models, tokenizers and tasks made on the spot, so that nothing is downloaded.
 
-A character-level tokenizer (saved as a real ``tokenizer.json`` that ``AutoTokenizer`` loads), a
-Llama-style model from transformers' own config class, and built-in tasks whose answers can be
-checked exactly (arithmetic, string reversal). ``train_on_records`` trains such a model (a teacher
-on gold answers, or a student) with the project's own train stage, so what is distilled is a
-real, imperfect model.
+Who uses it: the tiny demo (``examples/tiny/prepare.py`` makes the teacher, the student and the
+prompts that ``distill run examples/tiny/spec.yaml`` distils), the benchmarks in ``bench/``
+(``quality.py``, ``generate.py``, ``gpu_check.py``) and the stage tests in ``tests/stages/``. They
+all need real Hugging Face checkpoints that load with ``from_pretrained``, small enough to train
+in seconds on a CPU, and answers that can be checked exactly; downloading a model would make
+them slow, flaky and dependent on the network.
+
+What it holds:
+
+- a character-level tokenizer (``make_tokenizer``), saved as a real ``tokenizer.json`` that
+  ``AutoTokenizer`` loads;
+- a Llama-style causal LM of any small shape (``ModelSize``, ``make_model``), built from
+  transformers' own config class, so every stage treats it as it treats a real Llama;
+- built-in tasks whose answers are checked exactly (``TASKS``: arithmetic, string reversal),
+  their examples (``sample_examples``) and score (``exact_match``);
+- ``gold_records`` and ``train_on_records``, which train such a model (a teacher on the correct
+  answers, or a student) with the project's own train stage, so what is distilled is a real,
+  imperfect model rather than an oracle.
+
+This module is part of the public API: examples and benchmarks outside the test suite import
+it, so its names (``__all__``) change only with the rest of the public surface. It is as cheap
+to import as the rest of the package: torch, transformers and tokenizers load inside the
+functions that need them.
 """
 
 from __future__ import annotations
@@ -21,12 +38,37 @@ if TYPE_CHECKING:
 
     from distillation_runtime.records import Record
 
+__all__ = [
+    "ALPHABET",
+    "SPECIALS",
+    "TASKS",
+    "Example",
+    "ModelSize",
+    "addition",
+    "exact_match",
+    "gold_records",
+    "make_model",
+    "make_tokenizer",
+    "parameter_count",
+    "reversal",
+    "sample_examples",
+    "save_pretrained",
+    "train_on_records",
+]
+
+#: The tokenizer's special tokens, in id order (pad is 0).
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+#: The characters the default tokenizer knows: digits, lower-case letters and the punctuation
+#: the built-in tasks' prompts use.
 ALPHABET = "0123456789+-*=:,.;|()[] abcdefghijklmnopqrstuvwxyz"
 
 
 def make_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: one id per character, plus pad/bos/eos/unk."""
+    """A character-level tokenizer: one id per character of ``alphabet``, plus pad/bos/eos/unk.
+
+    It pads on the left, as batched generation needs (every prompt ends where the answer starts),
+    and saves as a fast tokenizer that ``AutoTokenizer.from_pretrained`` loads back.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +88,11 @@ def make_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Shape of a tiny Llama-style model."""
+    """Shape of a tiny Llama-style model (the defaults train in seconds on one CPU).
+
+    ``heads`` must be a multiple of ``kv_heads`` (grouped-query attention, as in real Llamas, so
+    pruning meets KV groups); ``max_positions`` bounds prompt plus answer.
+    """
 
     hidden: int = 64
     intermediate: int = 192
@@ -59,7 +105,10 @@ class ModelSize:
 def make_model(
     tokenizer: PreTrainedTokenizerFast, size: ModelSize, seed: int = 0
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama-style causal LM for ``tokenizer``."""
+    """A randomly initialised Llama-style causal LM for ``tokenizer``, the same for one ``seed``.
+
+    Its special-token ids come from ``tokenizer``, so generation stops at EOS and pads with PAD.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,6 +132,8 @@ def make_model(
 
 
 def parameter_count(model: Any) -> int:
+    """Number of parameters of ``model`` (every tensor, trainable or not): how benchmarks and
+    tests compare the sizes of teachers, students and pruned models."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -100,17 +151,18 @@ class Example:
 
 
 def addition(rng: random.Random, digits: int = 2) -> Example:
-    """``"37+58="`` -> ``"95"``."""
+    """The sum of two numbers of up to ``digits`` digits: ``"37+58="`` -> ``"95"``."""
     a, b = rng.randrange(10**digits), rng.randrange(10**digits)
     return Example(f"{a}+{b}=", str(a + b))
 
 
 def reversal(rng: random.Random, length: int = 5) -> Example:
-    """``"rev:abcde="`` -> ``"edcba"``."""
+    """A word of ``length`` letters, reversed: ``"rev:abcde="`` -> ``"edcba"``."""
     word = "".join(rng.choice("abcdefghij") for _ in range(length))
     return Example(f"rev:{word}=", word[::-1])
 
 
+#: The built-in tasks by name: each makes one ``Example`` from a random generator.
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "addition": addition,
     "reversal": reversal,
@@ -120,7 +172,12 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {
 def sample_examples(
     task: str, count: int, seed: int, exclude: set[str] | None = None
 ) -> list[Example]:
-    """``count`` distinct examples of ``task`` (none whose prompt is in ``exclude``)."""
+    """``count`` distinct examples of ``task``, the same for one ``seed``.
+
+    None has a prompt in ``exclude``: pass the training prompts to draw held-out ones, so an
+    evaluation never scores a memorised answer. Raises ``ValueError`` when the task has too few
+    distinct prompts.
+    """
     rng = random.Random(seed)
     make = TASKS[task]
     seen = set(exclude or ())
@@ -136,7 +193,8 @@ def sample_examples(
 
 
 def save_pretrained(model: Any, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
-    """Save as a Hugging Face checkpoint (safetensors, config, tokenizer)."""
+    """Save as a Hugging Face checkpoint (safetensors, config, tokenizer) that the stages load
+    like any other model folder; returns ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -144,7 +202,8 @@ def save_pretrained(model: Any, tokenizer: PreTrainedTokenizerFast, folder: Path
 
 
 def gold_records(tokenizer: PreTrainedTokenizerFast, examples: list[Example]) -> list[Record]:
-    """Examples as training records with the correct answer (ending in EOS) as the response."""
+    """Examples as training records with the correct answer (ending in EOS) as the response:
+    what a teacher is trained on (no top-k log-probs, so response loss only)."""
     from distillation_runtime.records import Record
 
     records = []

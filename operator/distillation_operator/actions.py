@@ -1,0 +1,44 @@
+"""What reconcile decided: children to create, update, suspend or delete, the new status, the
+Events to emit and when to look again. Plain values; the controller carries them out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MIN_REQUEUE_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event on the Distillation."""
+
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Actions:
+    """What to do: children to create or update, RayJobs to stop or suspend, the new status."""
+
+    create: list[dict[str, Any]] = field(default_factory=list)
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete_rayjobs: list[str] = field(default_factory=list)
+    delete_inference_services: list[str] = field(default_factory=list)
+    suspend_rayjobs: dict[str, bool] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        """Ask to be called again within ``seconds`` (the earliest request wins)."""
+        seconds = max(seconds, MIN_REQUEUE_SECONDS)
+        self.requeue_after = (
+            seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+        )
+
+    def stop(self, job: str) -> None:
+        """Delete a RayJob (once, however many reasons there are to)."""
+        if job not in self.delete_rayjobs:
+            self.delete_rayjobs.append(job)
