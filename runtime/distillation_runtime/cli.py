@@ -89,15 +89,32 @@ def run_all(path: Path) -> int:
     return 0
 
 
-def run_one(name: str, path: Path | None, variable: str | None = None) -> int:
-    """Run one stage (what the operator's RayJob runs); its inputs must be complete."""
+def parse_artifacts(pairs: list[str]) -> dict[str, str] | None:
+    """``--artifact NAME=URI`` options as a mapping; None (after saying why) when one is not
+    of that form."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, uri = pair.partition("=")
+        if not sep or not name or not uri:
+            print(f"distill stage: --artifact {pair!r} is not NAME=URI", file=sys.stderr)
+            return None
+        found[name] = uri
+    return found
+
+
+def run_one(
+    name: str, path: Path | None, variable: str | None = None, artifacts: list[str] | None = None
+) -> int:
+    """Run one stage (what the operator's RayJob runs); its inputs must be complete. Artifact
+    URIs given with ``--artifact`` win over this runtime's plan (the operator planned them)."""
     from distillation_runtime.pipeline import Runner
     from distillation_runtime.storage import artifact_complete
 
     spec = _load(path) if path is not None else _load_env(variable or "")
-    if spec is None:
+    given = parse_artifacts(artifacts or [])
+    if spec is None or given is None:
         return 2
-    runner = Runner(spec)
+    runner = Runner(spec, artifacts=given)
     try:
         stage = runner.plan[name]
     except KeyError as err:
@@ -140,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VARIABLE",
         help="read the spec (YAML) from this environment variable (what the operator's RayJobs do)",
     )
+    stage.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="NAME=URI",
+        help="where stage NAME's artifact is (this stage's output or an input); the operator "
+        "passes the URIs it planned, so an image of another version writes where it reads",
+    )
     return parser
 
 
@@ -152,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return run_all(args.spec)
     if args.command == "stage":
-        return run_one(args.name, args.config, args.config_env)
+        return run_one(args.name, args.config, args.config_env, args.artifact)
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
 
 

@@ -45,9 +45,18 @@ def work_dir() -> Path:
 class Runner:
     """Runs the stages of one spec on this machine (the ``StageContext`` each stage gets)."""
 
-    def __init__(self, spec: PipelineSpec, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        *,
+        log: Callable[[str], None] | None = None,
+        artifacts: dict[str, str] | None = None,
+    ) -> None:
         self.spec = spec
         self.plan: Plan = make_plan(spec)
+        self.artifacts = dict(artifacts or {})
+        """Artifact URIs given by whoever planned the run (the operator's RayJob), which win
+        over this runtime's own plan: the stage writes and reads exactly where they said."""
         self.work = work_dir()
         self.current = ""
         self._log = log or (lambda text: print(text, file=sys.stderr))
@@ -61,7 +70,7 @@ class Runner:
         return local_model(uri, self.work / "models")
 
     def artifact(self, name: str) -> str:
-        return self.plan.artifact(name)
+        return self.artifacts.get(name) or self.plan.artifact(name)
 
     def check_requirements(self, pending: list[str]) -> None:
         """What the pending stages need installed (their table's ``requires``), checked before

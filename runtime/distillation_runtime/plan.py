@@ -2,9 +2,10 @@
 
 The stages and what each reads come from the stage table (``distillation_runtime.stages``).
 A stage's fingerprint is a hash of its own configuration (the table's slice of the spec), its
-inputs' fingerprints, its output-format version and the runtime's version, so a spec edit
-invalidates exactly the stages it can change: a new learning rate re-runs train and what follows
-it, never generate. Artifacts are content-addressed,
+inputs' fingerprints and its output-format version, so a spec edit invalidates exactly the
+stages it can change (a new learning rate re-runs train and what follows it, never generate),
+and an upgrade of the operator or the images invalidates nothing unless a stage's format
+version was bumped. Artifacts are content-addressed,
 ``<output>/<stage>-<fingerprint>/``, and a stage is complete when its completion marker is there
 (written last, so a killed stage never looks complete).
 
@@ -18,7 +19,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from distillation_runtime import __version__
 from distillation_runtime.spec import PipelineSpec
 from distillation_runtime.stages import planned
 from distillation_runtime.stages.base import Role, StageDefinition
@@ -71,26 +71,19 @@ class Plan:
         return found[-1] if found else None
 
 
-def fingerprint(
-    name: str, config: dict[str, Any], inputs: list[str], version: str, format_version: int = 1
-) -> str:
-    """Hash of a stage's canonical JSON config, its inputs' fingerprints, its output-format
-    version and the runtime version."""
+def fingerprint(name: str, config: dict[str, Any], inputs: list[str], format_version: int) -> str:
+    """Hash of a stage's canonical JSON config, its inputs' fingerprints and its output-format
+    version. Not of the package's version: upgrading the operator or an image must not re-run
+    finished pipelines; a release that changes what a stage writes bumps its format version."""
     canonical = json.dumps(
-        {
-            "stage": name,
-            "config": config,
-            "inputs": inputs,
-            "format": format_version,
-            "version": version,
-        },
+        {"stage": name, "config": config, "inputs": inputs, "format": format_version},
         sort_keys=True,
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_LENGTH]
 
 
-def make_plan(spec: PipelineSpec, version: str = __version__) -> Plan:
+def make_plan(spec: PipelineSpec) -> Plan:
     """The plan of ``spec``: the stage table's entries it enables, in table order, with their
     fingerprints."""
     fingerprints: dict[str, str] = {}
@@ -101,9 +94,7 @@ def make_plan(spec: PipelineSpec, version: str = __version__) -> Plan:
         if missing:
             raise ValueError(f"stage {entry.name} reads {missing}, which this spec does not plan")
         upstream = [fingerprints[i] for i in inputs]
-        fingerprints[entry.name] = fingerprint(
-            entry.name, config, upstream, version, entry.format_version
-        )
+        fingerprints[entry.name] = fingerprint(entry.name, config, upstream, entry.format_version)
         stages.append(Stage(entry.name, config, inputs, fingerprints[entry.name], entry))
     return Plan(tuple(stages), spec.output)
 

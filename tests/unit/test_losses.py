@@ -370,16 +370,23 @@ def test_bad_logit_loss_options_name_the_field(field, value, message):
         LogitLossOptions(**{field: value})
 
 
+def chunked_on_all_rows(hidden, head, teacher, options):
+    """The chunked loss over every row of ``hidden``, each with target id 0."""
+    rows = hidden.shape[0]
+    return chunked_logit_losses(
+        hidden,
+        head,
+        target_ids=torch.zeros(rows, dtype=torch.long),
+        mask=torch.ones(rows, dtype=torch.bool),
+        teacher=teacher,
+        options=options,
+    )
+
+
 def test_a_compared_vocabulary_larger_than_the_heads_is_refused():
+    teacher = OnlineTeacher(rand(2, 2), rand(6, 2))
     with pytest.raises(ValueError, match="compare_vocab is 7; it must be between 1 and 5"):
-        chunked_logit_losses(
-            rand(2, 3),
-            rand(5, 3),
-            target_ids=torch.zeros(2, dtype=torch.long),
-            mask=torch.ones(2, dtype=torch.bool),
-            teacher=OnlineTeacher(rand(2, 2), rand(6, 2)),
-            options=LogitLossOptions(compare_vocab=7),
-        )
+        chunked_on_all_rows(rand(2, 3), rand(5, 3), teacher, LogitLossOptions(compare_vocab=7))
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,16 +563,9 @@ def test_chunked_without_grad_and_with_a_frozen_head():
 
 
 def test_chunked_rejects_stored_ids_from_another_vocabulary():
-    ids = torch.tensor([[3, 9]])
+    teacher = OfflineTeacher(torch.tensor([[3, 9]]), torch.full((1, 2), -1.0, dtype=F64))
     with pytest.raises(ValueError, match="different tokenizer or vocabulary"):
-        chunked_logit_losses(
-            rand(1, 2),
-            rand(6, 2),
-            target_ids=torch.zeros(1, dtype=torch.long),
-            mask=torch.ones(1, dtype=torch.bool),
-            teacher=OfflineTeacher(ids, torch.full((1, 2), -1.0, dtype=F64)),
-            options=LogitLossOptions(),
-        )
+        chunked_on_all_rows(rand(1, 2), rand(6, 2), teacher, LogitLossOptions())
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,7 +88,10 @@ def test_the_rayjob_carries_the_exact_pipeline_spec_distill_run_reads() -> None:
     rayjob = build_rayjob(obj, spec, plan, "train", 1, IMAGES)
     env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
     assert load_pipeline_spec(env[SPEC_ENV]) == spec.pipeline()
-    assert rayjob["spec"]["entrypoint"] == f"distill stage train --config-env {SPEC_ENV}"
+    assert rayjob["spec"]["entrypoint"] == (
+        f"distill stage train --config-env {SPEC_ENV} --artifact train={plan.artifact('train')} "
+        f"--artifact generate={plan.artifact('generate')}"
+    )
     meta = rayjob["metadata"]
     assert meta["annotations"]["distillation.dev/fingerprint"] == plan["train"].fingerprint
     assert meta["ownerReferences"][0]["uid"] == "u-1"

@@ -128,6 +128,22 @@ def test_an_added_stage_runs_with_distill_stage(
     assert "longest" not in table  # only the result columns the table entry names
 
 
+def test_a_stage_writes_where_the_operator_planned(
+    preflight: StageDefinition, tmp_path: Path
+) -> None:
+    """An image of another version may plan other URIs; ``--artifact`` (what the RayJob passes)
+    wins, so the stage writes exactly where the operator will look."""
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(pipeline(tmp_path)))
+    planned_elsewhere = tmp_path / "planned" / "preflight-0123456789ab"
+    argv = ["stage", "preflight", "--config", str(spec_file)]
+    assert distill([*argv, "--artifact", f"preflight={planned_elsewhere}"]) == 0
+    assert read_manifest(str(planned_elsewhere))["metrics"]["prompts"] == 3
+    own = make_plan(PipelineSpec.model_validate(pipeline(tmp_path))).artifact("preflight")
+    assert not Path(own).exists()
+    assert distill([*argv, "--artifact", "preflight"]) == 2  # not NAME=URI
+
+
 def test_an_added_stage_gets_a_rayjob_and_a_condition(
     preflight: StageDefinition, tmp_path: Path
 ) -> None:
@@ -135,7 +151,10 @@ def test_an_added_stage_gets_a_rayjob_and_a_condition(
     spec = DistillationSpec.model_validate(obj["spec"])
     plan = make_plan(spec.pipeline())
     rayjob = build_rayjob(obj, spec, plan, "preflight", 1, IMAGES)
-    assert rayjob["spec"]["entrypoint"] == f"distill stage preflight --config-env {SPEC_ENV}"
+    assert rayjob["spec"]["entrypoint"] == (
+        f"distill stage preflight --config-env {SPEC_ENV} "
+        f"--artifact preflight={plan.artifact('preflight')}"
+    )
     assert rayjob["metadata"]["labels"]["distillation.dev/stage"] == "preflight"
     assert stage_image(spec, "preflight", IMAGES) == IMAGES.runtime
 

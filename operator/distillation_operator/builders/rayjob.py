@@ -10,6 +10,7 @@ Secrets reach the pods only as ``secretKeyRef`` environment variables.
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any
 
 from distillation_operator.api import DistillationSpec, Resources, StagePlacement
@@ -46,9 +47,15 @@ def rayjob_name(distillation: str, stage: str, attempt: int) -> str:
     return fit_name(f"{base}-{stage}-{attempt}", MAX_RAYJOB_NAME)
 
 
-def entrypoint(stage: str) -> str:
-    """The command the Ray driver runs (the same ``distill stage`` a user can run by hand)."""
-    return f"{definition(stage).entrypoint} --config-env {SPEC_ENV}"
+def entrypoint(stage: str, plan: Plan) -> str:
+    """The command the Ray driver runs (the same ``distill stage`` a user can run by hand), with
+    the artifact URIs the operator planned for the stage and its inputs: an image of another
+    version writes exactly where the operator will look."""
+    planned = plan[stage]
+    artifacts = [
+        f"--artifact {shlex.quote(f'{n}={plan.artifact(n)}')}" for n in (stage, *planned.inputs)
+    ]
+    return " ".join([definition(stage).entrypoint, "--config-env", SPEC_ENV, *artifacts])
 
 
 def runtime_env_yaml(spec: DistillationSpec) -> str:
@@ -203,7 +210,7 @@ def build_rayjob(
     }
     policy, placement = spec.policy, spec.placement
     job: dict[str, Any] = {
-        "entrypoint": entrypoint(stage),
+        "entrypoint": entrypoint(stage, plan),
         "runtimeEnvYAML": runtime_env_yaml(spec),
         # Retries are new attempts (new RayJobs) decided by the operator, with its backoff.
         "backoffLimit": 0,

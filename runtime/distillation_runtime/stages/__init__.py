@@ -13,7 +13,7 @@ the stage runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,6 +94,11 @@ def _quantize_config(spec: PipelineSpec) -> dict[str, Any]:
     return {"quantize": _data(spec.quantize)}
 
 
+def _same(*metrics: str) -> dict[str, str]:
+    """Exports under the stage's own metric names."""
+    return {metric: metric for metric in metrics}
+
+
 def _pruning(spec: PipelineSpec) -> bool:
     return spec.student.prune is not None
 
@@ -102,24 +107,44 @@ def _quantizing(spec: PipelineSpec) -> bool:
     return spec.quantize is not None
 
 
+def _evaluation(
+    name: str,
+    condition: str,
+    *,
+    student: str,
+    enabled: Callable[[PipelineSpec], bool] = lambda spec: True,
+    exports: dict[str, str] | None = None,
+) -> StageDefinition:
+    """An evaluate stage: the student of the stage ``student`` against the teacher, on the
+    held-out prompts, judged by the same gate (sized by ``placement.stages.evaluate``)."""
+    return StageDefinition(
+        name=name,
+        condition=condition,
+        run="distillation_runtime.stages.evaluate:execute",
+        fingerprint=_evaluate_config,
+        inputs=lambda spec: (student, "generate"),
+        enabled=enabled,
+        placement="evaluate",
+        placement_doc="Evaluation workers.",
+        roles=frozenset({Role.GATE}),
+        exports=exports or {},
+        results=("gatePassed", "retention"),
+    )
+
+
 STAGES: list[StageDefinition] = [
     StageDefinition(
         name="prune",
         condition="Pruned",
-        run="distillation_runtime.stages.prune:execute",
         fingerprint=_prune_config,
         enabled=_pruning,
         placement_doc="Prune stage workers.",
         results=("studentParameters",),
-        exports={
-            "teacherParameters": "teacherParameters",
-            "studentParameters": "studentParameters",
-        },
+        exports=_same("teacherParameters", "studentParameters"),
     ),
     StageDefinition(
         name="generate",
         condition="TeacherDataGenerated",
-        run="distillation_runtime.stages.generate:execute",
         fingerprint=_generate_config,
         placement_doc="Teacher generation workers.",
         results=("records", "tokensPerSecond"),
@@ -127,7 +152,6 @@ STAGES: list[StageDefinition] = [
     StageDefinition(
         name="train",
         condition="StudentTrained",
-        run="distillation_runtime.stages.train:execute",
         fingerprint=_train_config,
         inputs=_train_inputs,
         placement_doc="Training workers.",
@@ -135,46 +159,24 @@ STAGES: list[StageDefinition] = [
         roles=frozenset({Role.STUDENT}),
         results=("finalLoss", "steps"),
     ),
-    StageDefinition(
-        name="evaluate",
-        condition="Evaluated",
-        run="distillation_runtime.stages.evaluate:execute",
-        fingerprint=_evaluate_config,
-        inputs=lambda spec: ("train", "generate"),
-        placement_doc="Evaluation workers.",
-        roles=frozenset({Role.GATE}),
-        exports={"unquantized.retention": "retention"},
-        results=("gatePassed", "retention"),
+    _evaluation(
+        "evaluate", "Evaluated", student="train", exports={"unquantized.retention": "retention"}
     ),
     StageDefinition(
         name="quantize",
         condition="Quantized",
-        run="distillation_runtime.stages.quantize:execute",
         fingerprint=_quantize_config,
         inputs=lambda spec: ("train", "generate"),
         enabled=_quantizing,
         image=ImageKind.QUANTIZE,
         placement_doc="Quantisation workers.",
         roles=frozenset({Role.STUDENT}),
-        exports={
-            "scheme": "scheme",
-            "sizeBytesBefore": "sizeBytesBefore",
-            "sizeBytesAfter": "sizeBytesAfter",
-            "compression": "compression",
-        },
+        exports=_same("scheme", "sizeBytesBefore", "sizeBytesAfter", "compression"),
         results=("scheme", "compression"),
         requires="distillation_runtime.stages.quantize:require_llmcompressor",
     ),
-    StageDefinition(
-        name="evaluate-quantized",
-        condition="QuantizedEvaluated",
-        run="distillation_runtime.stages.evaluate:execute",
-        fingerprint=_evaluate_config,
-        inputs=lambda spec: ("quantize", "generate"),
-        enabled=_quantizing,
-        placement="evaluate",
-        roles=frozenset({Role.GATE}),
-        results=("gatePassed", "retention"),
+    _evaluation(
+        "evaluate-quantized", "QuantizedEvaluated", student="quantize", enabled=_quantizing
     ),
 ]
 """Every stage, in an order where each comes after its inputs."""

@@ -92,10 +92,11 @@ class StageDefinition:
     """The stage's name: RayJob names and labels, artifact folders, ``distill stage NAME``."""
     condition: str
     """The type of the stage's condition in a Distillation's status (e.g. StudentTrained)."""
-    run: str
-    """``"module:function"`` of the ``StageFunction`` that runs it (imported when it runs)."""
     fingerprint: Callable[[PipelineSpec], dict[str, Any]]
     """The slice of the spec that can change the stage's output (hashed into its fingerprint)."""
+    run: str | None = None
+    """``"module:function"`` of the ``StageFunction`` that runs it (imported when it runs);
+    default: ``execute`` of ``distillation_runtime.stages.<name>``."""
     inputs: Callable[[PipelineSpec], tuple[str, ...]] = _none
     """The stages whose artifacts it reads (it starts when they are done)."""
     enabled: Callable[[PipelineSpec], bool] = _always
@@ -130,7 +131,8 @@ class StageDefinition:
 
     def function(self) -> StageFunction:
         """The function that runs the stage (imported now)."""
-        function: StageFunction = resolve(self.run)
+        reference = self.run or f"distillation_runtime.stages.{self.name.replace('-', '_')}:execute"
+        function: StageFunction = resolve(reference)
         return function
 
 
