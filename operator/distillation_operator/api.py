@@ -587,6 +587,12 @@ class StageStatus(StatusModel):
         default=None, max_length=253, description="Name of the stage's current RayJob."
     )
     attempts: int = Field(default=0, ge=0, description="RayJobs started for this stage.")
+    failed_attempts: list[int] | None = Field(
+        default=None,
+        max_length=64,
+        description="Attempts that failed, at this fingerprint: the retry budget is counted "
+        "from here, so it survives KubeRay's TTL (or a person) deleting the failed RayJobs.",
+    )
     start_time: datetime | None = Field(default=None, description="When the stage started.")
     completion_time: datetime | None = Field(default=None, description="When the stage finished.")
     artifact: str | None = Field(

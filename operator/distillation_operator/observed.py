@@ -77,6 +77,8 @@ class Job:
     start: datetime | None
     end: datetime | None
     created: datetime | None
+    deleting: bool = False
+    """Deletion requested; KubeRay's finalizer is still stopping it."""
 
     @property
     def succeeded(self) -> bool:
@@ -136,6 +138,7 @@ def parse_job(obj: Mapping[str, Any]) -> Job | None:
         start=parse_time(status.get("startTime")),
         end=parse_time(status.get("endTime")),
         created=parse_time(meta.get("creationTimestamp")),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 

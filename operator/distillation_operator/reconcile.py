@@ -60,6 +60,9 @@ __all__ = [
 
 MANIFEST_RETRY_SECONDS = 60.0
 """How soon to look again for a manifest the operator could not read."""
+SHARED_CLUSTER_POLL_SECONDS = 5.0
+"""How soon to look again for a stopped driver on a shared RayCluster (its deletion event
+wakes the operator anyway; this is the fallback)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,8 +205,52 @@ class StageView:
         return self.jobs[-1] if self.jobs else None
 
     @property
+    def failed_attempts(self) -> list[int]:
+        """Every failed attempt at this fingerprint: those the status recorded (their RayJobs
+        may be gone: TTL, or a person) and those failed now."""
+        recorded = set(self.previous.failed_attempts or []) if self.previous else set()
+        return sorted(recorded | {j.attempt for j in self.jobs if j.failed})
+
+    @property
     def failures(self) -> int:
-        return sum(1 for j in self.jobs if j.failed)
+        return len(self.failed_attempts)
+
+    @property
+    def last_attempt(self) -> int:
+        recorded = self.previous.attempts if self.previous else 0
+        return max(recorded, self.latest.attempt if self.latest else 0)
+
+    @property
+    def newest(self) -> Job | None:
+        """The RayJob of the newest attempt, while it exists and is not being deleted (a deleted
+        one was stopped on purpose: suspended, replaced)."""
+        latest = self.latest
+        if latest is None or latest.deleting or latest.attempt < self.last_attempt:
+            return None
+        return latest
+
+    @property
+    def last_failed(self) -> bool:
+        """Whether the newest attempt failed (its RayJob may be gone since)."""
+        newest = self.newest
+        if newest is not None:
+            return newest.failed
+        return self.last_attempt in self.failed_attempts
+
+    def failure(self) -> str:
+        """What failed, in KubeRay's words while its RayJob exists."""
+        newest = self.newest
+        if newest is not None:
+            return f"{newest.name} failed ({newest.why()})"
+        job = self.previous.ray_job if self.previous else None
+        return f"{job or 'attempt ' + str(self.last_attempt)} failed"
+
+    @property
+    def failed_at(self) -> datetime | None:
+        newest = self.newest
+        if newest is not None and newest.end is not None:
+            return newest.end
+        return self.previous.completion_time if self.previous else None
 
 
 def retry_delay(backoff_seconds: int, failures: int) -> float:
@@ -213,28 +260,25 @@ def retry_delay(backoff_seconds: int, failures: int) -> float:
 
 def retry_at(view: StageView, spec: DistillationSpec, now: datetime) -> datetime:
     """When the next attempt after a failed one may start."""
-    latest = view.latest
-    assert latest is not None
-    previous_end = view.previous.completion_time if view.previous else None
-    failed_at = latest.end or previous_end or now
+    failed_at = view.failed_at or now
     return failed_at + timedelta(seconds=retry_delay(spec.policy.backoff_seconds, view.failures))
 
 
 def classify(view: StageView, spec: DistillationSpec, now: datetime) -> Situation:
     """The stage's situation (first match wins)."""
-    latest, artifact = view.latest, view.artifact
+    newest, artifact = view.newest, view.artifact
     reusable = artifact is not None and artifact.complete
     if view.previous is not None and view.previous.state is StageState.SUCCEEDED:
         return Situation.RECORDED
-    if latest is not None and latest.succeeded:
+    if newest is not None and newest.succeeded:
         return Situation.SUCCEEDED
-    if reusable and (latest is None or not latest.failed):
+    if reusable and not view.last_failed:
         return Situation.SUCCEEDED
-    if latest is not None and not latest.failed:
+    if newest is not None and not newest.failed:
         return Situation.ACTIVE
     if view.waiting_for:
         return Situation.WAITING
-    if latest is not None:
+    if view.last_failed:
         if view.failures > spec.policy.retries:
             return Situation.EXHAUSTED
         if spec.policy.suspend or now < retry_at(view, spec, now):
@@ -276,7 +320,7 @@ def keep_recorded(d: Decision, view: StageView, record: StageStatus) -> None:
 def record_success(d: Decision, view: StageView, record: StageStatus) -> None:
     """Its RayJob succeeded (or its artifact was already complete): Succeeded, with the
     manifest's metrics when readable (else looked for again soon)."""
-    latest, artifact = view.latest, view.artifact
+    latest, artifact = view.newest, view.artifact
     record.state = StageState.SUCCEEDED
     record.completion_time = (latest.end if latest and latest.end else None) or d.now
     record.start_time = record.start_time or (latest.start if latest else None) or d.now
@@ -294,7 +338,7 @@ def record_success(d: Decision, view: StageView, record: StageStatus) -> None:
 
 def follow_active(d: Decision, view: StageView, record: StageStatus) -> None:
     """Report a RayJob under way; suspend or resume it to match spec.policy.suspend."""
-    latest = view.latest
+    latest = view.newest
     assert latest is not None
     record.ray_job = latest.name
     record.start_time = record.start_time or latest.start or latest.created or d.now
@@ -314,9 +358,10 @@ def follow_active(d: Decision, view: StageView, record: StageStatus) -> None:
 
 
 def hold_active(d: Decision, job: Job, record: StageStatus) -> None:
-    """Suspend a running stage: KubeRay tears its cluster down and re-submits on resume;
-    Kueue owns ``suspend`` of the jobs it manages, so those are stopped instead."""
-    if job.kueue:
+    """Suspend a running stage: KubeRay tears its cluster down and re-submits on resume.
+    Kueue owns ``suspend`` of the jobs it manages, and KubeRay refuses ``suspend`` on a job
+    that runs on an existing RayCluster (clusterSelector), so those are stopped instead."""
+    if job.kueue or d.spec.placement.cluster_selector:
         d.actions.stop(job.name)
         record.attempts = max(record.attempts, job.attempt)
     elif not job.suspend:
@@ -332,13 +377,12 @@ def wait_for_inputs(d: Decision, view: StageView, record: StageStatus) -> None:
 
 def fail_stage(d: Decision, view: StageView, record: StageStatus) -> None:
     """Out of retries: Failed with KubeRay's reason and message."""
-    latest = view.latest
-    assert latest is not None
-    record.ray_job = latest.name
+    if view.newest is not None:
+        record.ray_job = view.newest.name
     record.state = StageState.FAILED
-    record.completion_time = record.completion_time or latest.end or d.now
+    record.completion_time = record.completion_time or view.failed_at or d.now
     record.message = (
-        f"{latest.name} failed ({latest.why()}); {view.failures} attempt(s) failed, "
+        f"{view.failure()}; {view.failures} attempt(s) failed, "
         f"policy.retries is {d.spec.policy.retries}"
     )
 
@@ -346,16 +390,14 @@ def fail_stage(d: Decision, view: StageView, record: StageStatus) -> None:
 def back_off(d: Decision, view: StageView, record: StageStatus) -> None:
     """A failed attempt whose retry waits for the backoff (Retrying) or for a resume
     (Suspended)."""
-    latest = view.latest
-    assert latest is not None
     suspended = d.spec.policy.suspend
     wait_until = retry_at(view, d.spec, d.now)
-    previous_end = view.previous.completion_time if view.previous else None
-    record.ray_job = latest.name
+    if view.newest is not None:
+        record.ray_job = view.newest.name
     record.state = StageState.SUSPENDED if suspended else StageState.RETRYING
-    record.completion_time = latest.end or previous_end or d.now
+    record.completion_time = view.failed_at or d.now
     record.message = (
-        f"{latest.name} failed ({latest.why()}); attempt {latest.attempt + 1} of "
+        f"{view.failure()}; attempt {view.last_attempt + 1} of "
         f"{d.spec.policy.retries + 1} starts at {wait_until.isoformat(timespec='seconds')}"
     )
     if not suspended:
@@ -367,12 +409,26 @@ def hold_new(d: Decision, view: StageView, record: StageStatus) -> None:
     record.message = "suspended (spec.policy.suspend); starts when resumed"
 
 
+def still_running_on_shared_cluster(d: Decision, stage: str) -> Job | None:
+    """On an existing RayCluster (clusterSelector) a stopped RayJob's driver may still run
+    until KubeRay's finalizer stops it: the stage's RayJob that is not finished yet, if any."""
+    if not d.spec.placement.cluster_selector:
+        return None
+    live = [j for j in d.understood.jobs if j.stage == stage and (j.deleting or not j.finished)]
+    return live[0] if live else None
+
+
 def start_attempt(d: Decision, view: StageView, record: StageStatus) -> None:
     """Create the next attempt's RayJob. Attempts are numbered across fingerprints, so a
-    replaced stage's new RayJob never reuses a name that may still be terminating."""
+    replaced stage's new RayJob never reuses a name that may still be terminating; on a shared
+    RayCluster it waits until the previous driver is gone."""
     name = view.stage.name
-    if view.latest is not None:
-        record.ray_job = view.latest.name
+    blocking = still_running_on_shared_cluster(d, name)
+    if blocking is not None:
+        record.state = StageState.PENDING
+        record.message = f"waits for {blocking.name} to stop on the shared RayCluster"
+        d.actions.requeue(SHARED_CLUSTER_POLL_SECONDS)
+        return
     earlier = [j.attempt for j in d.understood.jobs if j.stage == name]
     attempt = max([record.attempts, *earlier]) + 1
     u = d.understood
@@ -425,8 +481,9 @@ def decide_stage(d: Decision, view: StageView) -> StageStatus:
     )
     record.artifact = d.understood.plan.artifact(view.stage.name)
     situation = classify(view, d.spec, d.now)
-    if situation is not Situation.RECORDED and view.latest is not None:
-        record.attempts = max(record.attempts, view.latest.attempt)
+    if situation is not Situation.RECORDED:
+        record.attempts = view.last_attempt
+        record.failed_attempts = view.failed_attempts or None
     TRANSITIONS[situation](d, view, record)
     return record
 
@@ -473,7 +530,7 @@ def stop_replaced(d: Decision) -> None:
     them, and running them on would only write an artifact nobody reads."""
     planned = {(s.name, s.fingerprint) for s in d.understood.plan.stages}
     for job in d.understood.jobs:
-        if (job.stage, job.fingerprint) not in planned and not job.finished:
+        if (job.stage, job.fingerprint) not in planned and not job.finished and not job.deleting:
             d.actions.stop(job.name)
             d.actions.events.append(
                 Event(

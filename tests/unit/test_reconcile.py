@@ -272,3 +272,70 @@ def test_storage_is_read_only_for_stages_that_can_use_it() -> None:
     assert probe(obj, [done]) == [generate]  # its metrics
     step(obj, [done], artifacts={generate: Artifact(manifest={"metrics": {"records": 1}})})
     assert probe(obj, [done]) == [train]  # generate recorded; train about to start
+
+
+# ------------------------------------------------------- outcomes survive their RayJobs
+
+
+def failed_job(rayjob: dict[str, Any], end: str = "2026-11-28T12:00:00Z") -> dict[str, Any]:
+    return job_status(
+        rayjob, jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed", endTime=end
+    )
+
+
+def test_the_retry_budget_survives_deleted_rayjobs() -> None:
+    """KubeRay's TTL deletes failed RayJobs: the failures are counted from status, so a stage
+    out of retries stays Failed and a retry keeps its backoff and its attempt number."""
+    obj = body()  # policy.retries 1, backoff 60 s
+    first = step(obj, []).create[0]
+    step(obj, [failed_job(first)], now=NOW + timedelta(seconds=10))
+    assert obj["status"]["stages"][0]["failedAttempts"] == [1]
+    gone = step(obj, [], now=NOW + timedelta(seconds=20))  # the TTL deleted it
+    assert gone.create == []
+    assert obj["status"]["stages"][0]["state"] == "Retrying"
+    retry = step(obj, [], now=NOW + timedelta(seconds=61))
+    assert [c["metadata"]["name"] for c in retry.create] == ["demo-generate-2"]
+    step(obj, [failed_job(retry.create[0], "2026-11-28T12:02:00Z")], now=NOW + timedelta(minutes=3))
+    assert obj["status"]["stages"][0]["state"] == "Failed"
+    for minutes in (10, 60, 600):  # both RayJobs gone: still Failed, nothing restarts
+        later = step(obj, [], now=NOW + timedelta(minutes=minutes))
+        assert later.create == []
+        assert obj["status"]["stages"][0]["state"] == "Failed"
+        assert obj["status"]["stages"][0]["failedAttempts"] == [1, 2]
+    assert conditions(obj)["Stalled"]["status"] == "True"
+
+
+def test_a_succeeded_stage_stays_succeeded_when_its_rayjob_is_deleted() -> None:
+    obj = body()
+    first = step(obj, []).create[0]
+    done = job_status(first, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    uri = first["metadata"]["annotations"]["distillation.dev/artifact"]
+    train = step(obj, [done], artifacts={uri: Artifact(manifest={"metrics": {}})}).create[0]
+    after = step(obj, [train], now=NOW + timedelta(hours=2))  # generate's RayJob is gone
+    assert after.create == []
+    assert obj["status"]["stages"][0]["state"] == "Succeeded"
+    assert obj["status"]["stages"][1]["state"] == "Running"
+
+
+# ------------------------------------------------------- clusterSelector and suspend
+
+
+def test_suspend_on_a_shared_cluster_deletes_and_never_runs_two_drivers() -> None:
+    """KubeRay refuses ``suspend`` in clusterSelector mode: the RayJob is deleted instead, and
+    on resume no new attempt starts while the stopped driver is still terminating."""
+    obj = body(placement={"clusterSelector": {"ray.io/cluster": "shared"}})
+    first = job_status(step(obj, []).create[0], jobDeploymentStatus="Running")
+    obj["spec"]["policy"]["suspend"] = True
+    held = step(obj, [first])
+    assert held.suspend_rayjobs == {}
+    assert held.delete_rayjobs == [first["metadata"]["name"]]
+    assert obj["status"]["stages"][0]["state"] == "Suspended"
+    obj["spec"]["policy"]["suspend"] = False
+    terminating = first | {
+        "metadata": first["metadata"] | {"deletionTimestamp": "2026-11-28T12:00:01Z"}
+    }
+    waiting = step(obj, [terminating], now=NOW + timedelta(seconds=5))
+    assert waiting.create == []
+    assert "waits for demo-generate-1" in obj["status"]["stages"][0]["message"]
+    resumed = step(obj, [], now=NOW + timedelta(seconds=10))
+    assert [c["metadata"]["name"] for c in resumed.create] == ["demo-generate-2"]
