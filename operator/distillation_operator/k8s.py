@@ -54,6 +54,25 @@ def _missing_ok(call: Callable[[], T]) -> T | None:
         raise
 
 
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: changed values, nested
+    maps recursively, ``None`` (delete) for every key ``new`` dropped at any depth. (A patch of
+    just ``new`` would keep a nested key it dropped, e.g. quantisation metrics after
+    ``spec.quantize`` was removed.) Lists are replaced whole, as merge patch does."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif key not in old or before != value:
+            patch[key] = value
+    return patch
+
+
 def _wrote(kind: str) -> None:
     """Count an API write (the scale benchmark reports writes per stage transition)."""
     metrics.API_WRITES.labels(kind).inc()
@@ -154,8 +173,8 @@ class Cluster:
     def patch_status(
         self, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any]
     ) -> None:
-        """Merge-patch status to ``new``; keys ``new`` dropped are removed (set to null)."""
-        body = {"status": {key: new.get(key) for key in {*old, *new}}}
+        """Merge-patch status to ``new``; keys ``new`` dropped are removed, nested ones too."""
+        body = {"status": merge_patch(old, new)}
         _missing_ok(
             lambda: self.custom.patch_namespaced_custom_object_status(
                 API_GROUP, VERSION, namespace, PLURAL, name, body

@@ -601,10 +601,20 @@ def serve(
     if written != desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
         d.actions.apply.append(desired)
         return ServingStatus(inference_service=name), False
-    conditions = (observed.get("status") or {}).get("conditions") or []
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    ready = inference_service_ready(observed)
     url = (observed.get("status") or {}).get("url")
     return ServingStatus(inference_service=name, url=url, ready=ready), ready
+
+
+def inference_service_ready(observed: Mapping[str, Any]) -> bool:
+    """KServe reports Ready for the spec it has seen: a Ready of an older generation (before our
+    update reached it) is not the new revision serving."""
+    status = observed.get("status") or {}
+    generation = observed.get("metadata", {}).get("generation")
+    if generation is not None and status.get("observedGeneration") != generation:
+        return False
+    conditions = status.get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def reject(observed: Observed, problem: SpecProblem) -> Actions:

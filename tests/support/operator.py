@@ -190,8 +190,13 @@ class Kube:
         )
 
     def set_inference_service_ready(self, name: str, url: str) -> None:
+        """Ready as KServe reports it: for the generation it has seen (``observedGeneration``)."""
         now = _now()
+        current = self.custom.get_namespaced_custom_object(
+            "serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", name
+        )
         status = {
+            "observedGeneration": current["metadata"]["generation"],
             "url": url,
             "conditions": [
                 {"type": "Ready", "status": "True", "lastTransitionTime": now},

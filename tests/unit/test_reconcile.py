@@ -339,3 +339,28 @@ def test_suspend_on_a_shared_cluster_deletes_and_never_runs_two_drivers() -> Non
     assert "waits for demo-generate-1" in obj["status"]["stages"][0]["message"]
     resumed = step(obj, [], now=NOW + timedelta(seconds=10))
     assert [c["metadata"]["name"] for c in resumed.create] == ["demo-generate-2"]
+
+
+# ------------------------------------------------------- status holds what is true now
+
+
+def test_the_status_patch_removes_nested_keys_the_new_status_dropped() -> None:
+    """Removing spec.quantize drops quantize's final metrics: the merge patch must delete them
+    (a plain merge patch of the new status would keep nested keys it no longer has)."""
+    from distillation_operator.k8s import merge_patch
+
+    old = {"phase": "Succeeded", "metrics": {"retention": "0.98", "scheme": "W4A16"}, "x": 1}
+    new = {"phase": "Succeeded", "metrics": {"retention": "0.97"}}
+    patch = merge_patch(old, new)
+    assert patch == {"metrics": {"retention": "0.97", "scheme": None}, "x": None}
+    assert merge_patch(new, new) == {}
+
+
+def test_served_only_once_kserve_has_seen_the_current_spec() -> None:
+    from distillation_operator.reconcile import inference_service_ready
+
+    ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+    updated = {"metadata": {"generation": 3}, "status": ready | {"observedGeneration": 2}}
+    assert not inference_service_ready(updated)  # the old revision's Ready
+    seen = {"metadata": {"generation": 3}, "status": ready | {"observedGeneration": 3}}
+    assert inference_service_ready(seen)
