@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MIN_REQUEUE_SECONDS = 0.5
+TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+"""API server answers that pass by themselves (a retry is the fix, not a person)."""
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,24 @@ class Actions:
         """Delete a RayJob (once, however many reasons there are to)."""
         if job not in self.delete_rayjobs:
             self.delete_rayjobs.append(job)
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    """A write of a child that the API server refused, with its own words."""
+
+    verb: str
+    kind: str
+    name: str
+    code: int | None
+    message: str
+
+    @property
+    def transient(self) -> bool:
+        """Whether it passes by itself (throttling, a restarting server); else it needs a person
+        (RBAC, a quota, a webhook, a name taken by someone else's object)."""
+        return self.code is None or self.code in TRANSIENT_CODES
+
+    def describe(self) -> str:
+        code = f" ({self.code})" if self.code is not None else ""
+        return f"{self.verb} {self.kind} {self.name} failed{code}: {self.message}"

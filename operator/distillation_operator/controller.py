@@ -11,23 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from distillation_operator import metrics
-from distillation_operator.actions import Actions
+from kubernetes.client.exceptions import ApiException
+
+from distillation_operator import metrics, report
+from distillation_operator.actions import Actions, WriteFailure
+from distillation_operator.api import DistillationStatus, EventReason
 from distillation_operator.artifacts import read_artifacts
 from distillation_operator.builders.common import Images
 from distillation_operator.builders.inference_service import inference_service_name
 from distillation_operator.cache import ChildCache
-from distillation_operator.k8s import Cluster
+from distillation_operator.k8s import Cluster, ForeignChildError, api_error_message
 from distillation_operator.observed import Observed, parse_job
 from distillation_operator.reconcile import artifacts_to_probe, reconcile, understand
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
+DISCOVERY_SECONDS = 10.0
+"""How long the list of served APIs is trusted (KServe or Kueue installed later: noticed then)."""
+WRITE_RETRY_SECONDS = 30.0
+"""How soon a refused child write is tried again (a quota may have room by then)."""
 
 DEFAULT_IMAGES = Images(
     runtime="ghcr.io/distillation-dev/distillation-runtime:0.1.0",
@@ -80,6 +89,8 @@ class Controller:
     seen: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """What the last reconcile knew of each child ("ns/name" -> child_signature)."""
     children: ChildCache = field(default_factory=ChildCache)
+    apis: tuple[float, frozenset[str]] | None = None
+    """(when looked up, the served group/versions)."""
 
     def news(self, child: Mapping[str, Any]) -> bool:
         """Whether a child's event can change a decision (its status or suspend moved since the
@@ -141,7 +152,8 @@ class Controller:
         body = self.cluster.get_distillation(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        self.children.ensure_listed(namespace, self.cluster.managed_children)
+        served = self.served_apis()
+        self.children.ensure_listed(namespace, lambda ns: self.cluster.managed_children(ns, served))
         uid = body["metadata"]["uid"]
         rayjobs = self.children.owned(namespace, "RayJob", uid)
         services = self.children.owned(namespace, "InferenceService", uid)
@@ -150,7 +162,7 @@ class Controller:
         understood = understand(body, rayjobs)  # the spec parsed and planned once
         now = datetime.now(UTC)
         artifacts = read_artifacts(artifacts_to_probe(understood, now))
-        observed = Observed(body, rayjobs, service, artifacts, now)
+        observed = Observed(body, rayjobs, service, artifacts, now, served)
         actions = reconcile(observed, self.images, understood)
         for child in [*rayjobs, *([service] if service else []), *actions.create, *actions.apply]:
             meta = child["metadata"]
@@ -160,28 +172,74 @@ class Controller:
         self._record(namespace, name, actions, rayjobs)
         return actions.requeue_after
 
+    def served_apis(self) -> frozenset[str] | None:
+        """The API groups/versions the cluster serves, looked up at most every
+        ``DISCOVERY_SECONDS`` (an API installed meanwhile is noticed within that); None when
+        discovery fails (then every API is taken to be there, as before)."""
+        now = time.monotonic()
+        if self.apis is None or now - self.apis[0] > DISCOVERY_SECONDS:
+            try:
+                self.apis = (now, self.cluster.served_apis())
+            except Exception:  # discovery is best effort; the writes will tell
+                log.warning("API discovery failed; assuming KubeRay, KServe and Kueue are there")
+                return None
+        return self.apis[1]
+
     def apply(self, body: Mapping[str, Any], actions: Actions) -> None:
+        """Carry out the decision: child writes first, each refusal recorded (never raised), then
+        the status (with the refusals in it) and the Events."""
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        failures: list[WriteFailure] = []
+
+        def attempt(verb: str, kind: str, child: str, call: Callable[[], Any]) -> Any:
+            try:
+                return call()
+            except (ApiException, ForeignChildError) as err:
+                text = str(err) if isinstance(err, ForeignChildError) else api_error_message(err)
+                failures.append(WriteFailure(verb, kind, child, err.status, text))
+                log.warning("%s %s %s/%s refused: %s", verb, kind, namespace, child, text)
+                return None
+
         for job in actions.delete_rayjobs:
-            self.cluster.delete("RayJob", namespace, job)
+            attempt("delete", "RayJob", job, partial(self.cluster.delete, "RayJob", namespace, job))
         for service in actions.delete_inference_services:
-            self.cluster.delete("InferenceService", namespace, service)
+            delete = partial(self.cluster.delete, "InferenceService", namespace, service)
+            attempt("delete", "InferenceService", service, delete)
         for job, suspend in actions.suspend_rayjobs.items():
-            updated = self.cluster.suspend_rayjob(namespace, job, suspend)
+            patch = partial(self.cluster.suspend_rayjob, namespace, job, suspend)
+            updated = attempt("patch", "RayJob", job, patch)
             if updated is not None:
                 self.children.observe(updated)
         for child in actions.create:
-            created = self.cluster.create(child)
+            kind, child_name = child["kind"], child["metadata"]["name"]
+            created = attempt("create", kind, child_name, partial(self.cluster.create, child))
             if created is not None:
                 self.children.observe(created)
         for child in actions.apply:
-            self.children.observe(self.cluster.update_spec(child))
+            kind, child_name = child["kind"], child["metadata"]["name"]
+            updated = attempt("update", kind, child_name, partial(self.cluster.update_spec, child))
+            if updated is not None:
+                self.children.observe(updated)
+        if failures:
+            self._report_failures(body, actions, failures)
         old = body.get("status") or {}
         if actions.status != old:
             self.cluster.patch_status(namespace, name, old, actions.status)
         for event in actions.events:
             self.cluster.emit(body, event)
+
+    def _report_failures(
+        self, body: Mapping[str, Any], actions: Actions, failures: list[WriteFailure]
+    ) -> None:
+        """Put the refused writes into the status and its Events, and look again soon."""
+        old = DistillationStatus.model_validate(body.get("status") or {})
+        decided = DistillationStatus.model_validate(actions.status)
+        status = report.after_failed_writes(decided, failures, datetime.now(UTC))
+        actions.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        replaced = [e for e in actions.events if e.reason == EventReason.STAGE_REPLACED]
+        actions.events = [*replaced, *report.events(old, status)]
+        actions.requeue(WRITE_RETRY_SECONDS)
 
     def _record(
         self, namespace: str, name: str, actions: Actions, rayjobs: Sequence[Mapping[str, Any]]

@@ -7,9 +7,11 @@ reconcile repeated after a crash or a missed event does no harm.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from kubernetes import client, config
@@ -23,6 +25,7 @@ from distillation_operator.builders.common import (
     MANAGED_BY,
     MANAGED_SELECTOR,
 )
+from distillation_operator.cache import Listing
 from distillation_runtime.spec import API_GROUP
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,29 @@ def load_config(connections: int = 32) -> None:
     settings = client.Configuration.get_default_copy()
     settings.connection_pool_maxsize = connections
     client.Configuration.set_default(settings)
+
+
+class ForeignChildError(Exception):
+    """A child's name is taken by an object this Distillation does not own."""
+
+    def __init__(self, kind: str, name: str, owners: list[str]) -> None:
+        owned_by = f"owned by {', '.join(owners)}" if owners else "not owned by any Distillation"
+        super().__init__(
+            f"the name {name} is taken by a {kind} this Distillation does not own ({owned_by}); "
+            "delete or rename that object, or rename the Distillation"
+        )
+        self.status = 409
+
+
+def api_error_message(err: ApiException) -> str:
+    """The API server's own message from an error response (its Status ``message``), else the
+    HTTP reason."""
+    try:
+        body = json.loads(err.body) if err.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or err.reason or err)
 
 
 def _missing_ok(call: Callable[[], T]) -> T | None:
@@ -94,33 +120,64 @@ class Cluster:
             )
         )
 
-    def managed_children(self, namespace: str) -> list[dict[str, Any]]:
-        """Every RayJob and InferenceService the operator made in ``namespace``."""
+    def served_apis(self) -> frozenset[str]:
+        """The ``group/version`` pairs the API server serves (discovery, allowed to every
+        authenticated client): which optional APIs (KServe, Kueue) this cluster has."""
+        groups = client.ApisApi(self.custom.api_client).get_api_versions().groups or []
+        return frozenset(v.group_version for g in groups for v in g.versions or [])
+
+    def managed_children(self, namespace: str, served: Collection[str] | None = None) -> Listing:
+        """Every RayJob and InferenceService the operator made in ``namespace``, with each LIST's
+        resourceVersion; kinds whose API the cluster does not serve are skipped."""
         found: list[dict[str, Any]] = []
+        versions: dict[str, str] = {}
         for kind, (group, version, plural) in KINDS.items():
-            listed = self.custom.list_namespaced_custom_object(
-                group, version, namespace, plural, label_selector=MANAGED_SELECTOR
+            if served is not None and f"{group}/{version}" not in served:
+                continue
+            listed = _missing_ok(
+                partial(
+                    self.custom.list_namespaced_custom_object,
+                    group,
+                    version,
+                    namespace,
+                    plural,
+                    label_selector=MANAGED_SELECTOR,
+                )
             )
-            items = listed.get("items", []) if isinstance(listed, dict) else []
-            found += [item | {"kind": kind} for item in items]
-        return found
+            if not isinstance(listed, dict):
+                continue
+            found += [item | {"kind": kind} for item in listed.get("items", [])]
+            revision = (listed.get("metadata") or {}).get("resourceVersion")
+            if revision:
+                versions[kind] = str(revision)
+        return Listing(found, versions)
 
     # ------------------------------------------------------------------ writes
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Create a child and return it; None when it exists already (a retried reconcile)."""
+        """Create a child and return it. A retried reconcile finds its own child there already
+        (409): that one is returned; a name taken by an object this Distillation does not own
+        raises ``ForeignChildError``, never counts as "already exists"."""
         group, version, plural = KINDS[obj["kind"]]
-        namespace = obj["metadata"]["namespace"]
+        meta = obj["metadata"]
         try:
             created = self.custom.create_namespaced_custom_object(
-                group, version, namespace, plural, dict(obj)
+                group, version, meta["namespace"], plural, dict(obj)
             )
             _wrote(f"create {obj['kind']}")
             return created if isinstance(created, dict) else None
         except ApiException as err:
             if err.status != 409:
                 raise
-            return None
+        existing: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+            group, version, meta["namespace"], plural, meta["name"]
+        )
+        owner_uids = {ref["uid"] for ref in meta.get("ownerReferences") or []}
+        refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+        if not any(ref.get("uid") in owner_uids for ref in refs):
+            owners = [f"{ref.get('kind')} {ref.get('name')}" for ref in refs]
+            raise ForeignChildError(obj["kind"], meta["name"], owners)
+        return existing
 
     def update_spec(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Replace a child's spec and its spec-hash annotation (a JSON patch: fields the new

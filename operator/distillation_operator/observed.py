@@ -58,6 +58,9 @@ class Observed:
     inference_service: Mapping[str, Any] | None = None
     artifacts: Mapping[str, Artifact] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    served: frozenset[str] | None = None
+    """The ``group/version`` pairs the cluster serves; None when unknown (then every API the
+    spec needs is taken to be there)."""
 
 
 @dataclass(frozen=True)

@@ -34,13 +34,17 @@ from distillation_operator.api import (
     DistillationSpec,
     DistillationStatus,
     EventReason,
+    Reason,
     ServingStatus,
     StageState,
     StageStatus,
 )
 from distillation_operator.builders.common import ANNOTATION_SPEC_HASH, Images
-from distillation_operator.builders.inference_service import build_inference_service
-from distillation_operator.builders.rayjob import build_rayjob
+from distillation_operator.builders.inference_service import (
+    INFERENCE_SERVICE_API,
+    build_inference_service,
+)
+from distillation_operator.builders.rayjob import KUEUE_GROUP, RAYJOB_API, build_rayjob
 from distillation_operator.observed import MESSAGE_LIMIT, Artifact, Job, Observed, parse_jobs
 from distillation_runtime.plan import Plan, Stage, make_plan
 from distillation_runtime.stages import MODEL_DIR, ImageKind, Role
@@ -60,6 +64,8 @@ __all__ = [
 
 MANIFEST_RETRY_SECONDS = 60.0
 """How soon to look again for a manifest the operator could not read."""
+MISSING_API_POLL_SECONDS = 15.0
+"""How soon to look again for an API the spec needs (installed meanwhile: resume by itself)."""
 SHARED_CLUSTER_POLL_SECONDS = 5.0
 """How soon to look again for a stopped driver on a shared RayCluster (its deletion event
 wakes the operator anyway; this is the fallback)."""
@@ -617,6 +623,44 @@ def inference_service_ready(observed: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def missing_apis(spec: DistillationSpec, served: frozenset[str] | None) -> list[str]:
+    """What the spec needs that the cluster does not serve, each with what to do."""
+    if served is None:
+        return []
+    groups = {group_version.split("/")[0] for group_version in served}
+    missing = []
+    if RAYJOB_API not in served:
+        missing.append(
+            f"{RAYJOB_API} RayJob is not served by this cluster: every stage runs as a RayJob; "
+            "install KubeRay (v1.5 or later)"
+        )
+    if spec.serve is not None and INFERENCE_SERVICE_API not in served:
+        missing.append(
+            f"spec.serve needs {INFERENCE_SERVICE_API} InferenceService, which this cluster does "
+            "not serve: install KServe, or remove spec.serve to distil without serving"
+        )
+    if spec.placement.queue_name and KUEUE_GROUP not in groups:
+        missing.append(
+            f"spec.placement.queueName is {spec.placement.queue_name!r} but {KUEUE_GROUP} is not "
+            "served by this cluster: install Kueue, or remove placement.queueName"
+        )
+    return missing
+
+
+def wait_for_apis(observed: Observed, understood: Understanding, missing: list[str]) -> Actions:
+    """The spec needs APIs the cluster lacks: start nothing (stages already running go on),
+    say which and what to do (Stalled, MissingAPI), and look again every minute."""
+    actions = Actions()
+    old = understood.old
+    status = report.blocked_status(
+        old, understood.generation, observed.now, Reason.MISSING_API, "; ".join(missing)
+    )
+    actions.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    actions.events.extend(report.events(old, status))
+    actions.requeue(MISSING_API_POLL_SECONDS)
+    return actions
+
+
 def reject(observed: Observed, problem: SpecProblem) -> Actions:
     """A spec that cannot run: Failed and Stalled, nothing retried, running RayJobs stopped
     (they belong to a spec that no longer exists)."""
@@ -636,6 +680,9 @@ def reconcile(
         understood = understand(observed.body, observed.rayjobs)
     if isinstance(understood, SpecProblem):
         return reject(observed, understood)
+    missing = missing_apis(understood.spec, observed.served)
+    if missing:
+        return wait_for_apis(observed, understood, missing)
     d = Decision(understood, observed, images, Actions())
     stop_replaced(d)
     stages = decide_stages(d)

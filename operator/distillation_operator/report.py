@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from distillation_operator.actions import Event
+from distillation_operator.actions import Event, WriteFailure
 from distillation_operator.api import (
     CONDITION_READY,
     CONDITION_RECONCILING,
@@ -288,19 +288,62 @@ def status(outcome: Outcome) -> DistillationStatus:
     )
 
 
+def blocked_status(
+    old: DistillationStatus, generation: int, now: datetime, reason: Reason, message: str
+) -> DistillationStatus:
+    """Nothing can start until a person acts (an impossible spec, a missing API): Ready False
+    and Stalled True with the problem, the rest of the old status kept (what ran before is still
+    true). An invalid spec is Failed; a missing API leaves the phase as it was (Pending at
+    first), since the Distillation resumes by itself once the API is there."""
+    written = Conditions(old, generation, now)
+    written.put(CONDITION_READY, False, reason, message)
+    written.put(CONDITION_RECONCILING, False, reason, "")
+    written.put(CONDITION_STALLED, True, reason, message)
+    new = old.model_copy(deep=True)
+    new.observed_generation = generation
+    if reason is Reason.INVALID_SPEC:
+        new.phase, new.current_stage = Phase.FAILED, None
+    else:
+        new.phase = new.phase or Phase.PENDING
+    new.conditions = written.listed()
+    return new
+
+
 def invalid_status(
     old: DistillationStatus, generation: int, now: datetime, message: str
 ) -> DistillationStatus:
-    """A spec the schema let through but that cannot run: Failed and Stalled with the problem,
-    the rest of the old status kept (what ran before is still true)."""
-    written = Conditions(old, generation, now)
-    written.put(CONDITION_READY, False, Reason.INVALID_SPEC, message)
-    written.put(CONDITION_RECONCILING, False, Reason.INVALID_SPEC, "")
-    written.put(CONDITION_STALLED, True, Reason.INVALID_SPEC, message)
-    new = old.model_copy(deep=True)
-    new.observed_generation = generation
-    new.phase = Phase.FAILED
-    new.current_stage = None
+    """A spec the schema let through but that cannot run: Failed and Stalled."""
+    return blocked_status(old, generation, now, Reason.INVALID_SPEC, message)
+
+
+def after_failed_writes(
+    status: DistillationStatus, failures: Sequence[WriteFailure], now: datetime
+) -> DistillationStatus:
+    """The status once the API server refused some of the decided writes: the stages whose
+    RayJob could not be created wait (Pending, with the server's message), and Ready and
+    Stalled (or Reconciling, for what passes by itself) carry the first failure. Everything else
+    reconcile decided is still reported."""
+    new = status.model_copy(deep=True)
+    refused = {f.name: f for f in failures if f.verb == "create" and f.kind == "RayJob"}
+    waiting = []
+    for record in new.stages or []:
+        failure = refused.get(record.ray_job or "")
+        if failure is not None and record.state is StageState.RUNNING:
+            record.state = StageState.PENDING
+            record.message = failure.describe()
+            record.attempts = max(record.attempts - 1, 0)  # never created: the retry reuses it
+            record.ray_job = None
+            waiting.append(record)
+    message = "; ".join(f.describe() for f in failures)[:MESSAGE_LIMIT]
+    stalled = not all(f.transient for f in failures)
+    written = Conditions(status, status.observed_generation or 0, now)
+    written.new = {c.type: c for c in status.conditions or []}
+    reason = Reason.CHILD_WRITE_FAILED
+    written.put(CONDITION_READY, False, reason, message)
+    written.put(CONDITION_RECONCILING, not stalled, reason, "" if stalled else message)
+    written.put(CONDITION_STALLED, stalled, reason, message if stalled else "")
+    for record in waiting:
+        written.put(stage_condition(record.name), False, record.state.value, record.message or "")
     new.conditions = written.listed()
     return new
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from distillation_operator.api import DistillationStatus
-from support.cluster import ControlPlane
+from support.cluster import ControlPlane, install_kueue_stand_in
 from support.operator import (
     Kube,
     OperatorProcess,
@@ -90,14 +90,16 @@ def jobs_of(kube: Kube, stage_name: str) -> list[dict[str, Any]]:
     ]
 
 
-def wait_job(kube: Kube, stage_name: str, attempt: int = 1) -> dict[str, Any]:
+def wait_job(
+    kube: Kube, stage_name: str, attempt: int = 1, timeout: float = 30.0
+) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         for job in jobs_of(kube, stage_name):
             if job["metadata"]["labels"]["distillation.dev/attempt"] == str(attempt):
                 return job
         return None
 
-    return wait_for(f"the {stage_name} RayJob (attempt {attempt})", find)
+    return wait_for(f"the {stage_name} RayJob (attempt {attempt})", find, timeout=timeout)
 
 
 def wait_state(kube: Kube, name: str, stage_name: str, state: str) -> dict[str, Any]:
@@ -111,7 +113,12 @@ def wait_state(kube: Kube, name: str, stage_name: str, state: str) -> dict[str, 
 
 
 def wait_condition(
-    kube: Kube, name: str, type_: str, value: str, reason: str | None = None
+    kube: Kube,
+    name: str,
+    type_: str,
+    value: str,
+    reason: str | None = None,
+    timeout: float = 30.0,
 ) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         found = kube.condition(name, type_)
@@ -119,7 +126,7 @@ def wait_condition(
             return found
         return None
 
-    return wait_for(f"condition {type_}={value} ({reason})", probe)
+    return wait_for(f"condition {type_}={value} ({reason})", probe, timeout=timeout)
 
 
 def event_reasons(kube: Kube, name: str) -> list[str]:
@@ -410,7 +417,10 @@ def test_suspend_holds_the_running_stage_and_resume_continues_it(
     wait_job(kube, "train")
 
 
-def test_a_kueue_queued_rayjob_shows_as_queued(kube: Kube, operator: OperatorProcess) -> None:
+def test_a_kueue_queued_rayjob_shows_as_queued(
+    kube: Kube, operator: OperatorProcess, plane: ControlPlane, tmp_path: Path
+) -> None:
+    install_kueue_stand_in(plane, tmp_path)  # the operator checks that Kueue's API is served
     name = "queued"
     placement = {"queueName": "ml-team"}
     kube.create_distillation(manifest(name, placement=placement))
@@ -481,3 +491,82 @@ def test_deleting_collects_children_and_keeps_artifacts(
     while counted() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert counted() == []
+
+
+# ------------------------------------------------------- a refused write is a status
+
+
+def test_a_name_taken_by_a_foreign_rayjob_is_reported_not_adopted(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    """409 on create is "already exists" only when the object is ours (ownerReference)."""
+    name = "taken"
+    foreign = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": f"{name}-generate-1"},
+        "spec": {"entrypoint": "python other.py", "clusterSelector": {"ray.io/cluster": "x"}},
+    }
+    kube.custom.create_namespaced_custom_object("ray.io", "v1", kube.namespace, "rayjobs", foreign)
+    kube.create_distillation(manifest(name))
+    ready = wait_condition(kube, name, "Ready", "False", "ChildWriteFailed")
+    assert "does not own" in ready["message"]
+    assert f"{name}-generate-1" in ready["message"]
+    stalled = wait_condition(kube, name, "Stalled", "True", "ChildWriteFailed")
+    assert stalled["message"] == ready["message"]
+    assert stage(kube, name, "generate")["state"] == "Pending"
+    assert "does not own" in stage(kube, name, "generate")["message"]
+    wait_for("a ChildWriteFailed event", lambda: "ChildWriteFailed" in event_reasons(kube, name))
+    assert kube.rayjob(f"{name}-generate-1")["spec"]["entrypoint"] == "python other.py"
+
+
+def rayjob_refused(kube: Kube) -> bool:
+    """Whether the API server refuses a RayJob now (a dry run: nothing is created)."""
+    from kubernetes.client.exceptions import ApiException
+
+    probe = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": "quota-probe"},
+        "spec": {"entrypoint": "true", "clusterSelector": {"ray.io/cluster": "x"}},
+    }
+    try:
+        kube.custom.create_namespaced_custom_object(
+            "ray.io", "v1", kube.namespace, "rayjobs", probe, dry_run="All"
+        )
+    except ApiException as err:
+        return err.status == 403
+    return False
+
+
+def test_a_quota_refusal_reaches_status_and_clears_when_the_quota_does(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    """The API server refuses the RayJob (403, a ResourceQuota): its message is in status;
+    once the quota is gone the next try creates the RayJob."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube.custom.api_client)
+    quota = client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="no-rayjobs"),
+        spec=client.V1ResourceQuotaSpec(hard={"count/rayjobs.ray.io": "0"}),
+    )
+    core.create_namespaced_resource_quota(kube.namespace, quota)
+    # What the quota controller (not part of this control plane) would write: admission
+    # enforces a quota once its status says what is used.
+    counted = {"count/rayjobs.ray.io": "0"}
+    core.patch_namespaced_resource_quota_status(
+        "no-rayjobs", kube.namespace, {"status": {"hard": counted, "used": counted}}
+    )
+    wait_for("the quota to be enforced", lambda: rayjob_refused(kube))
+    name = "quota"
+    kube.create_distillation(manifest(name))
+    ready = wait_condition(kube, name, "Ready", "False", "ChildWriteFailed")
+    assert "quota" in ready["message"]
+    assert "(403)" in ready["message"]
+    assert status(kube, name)["stages"][0]["state"] == "Pending"
+    assert kube.rayjobs() == []
+    core.delete_namespaced_resource_quota("no-rayjobs", kube.namespace)
+    wait_for("the quota to be gone", lambda: not rayjob_refused(kube))
+    wait_job(kube, "generate", 1, timeout=75)  # the operator tries again every 30 s
+    wait_condition(kube, name, "Ready", "False", "StageRunning", timeout=60)

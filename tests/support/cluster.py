@@ -288,3 +288,39 @@ def load_documents(paths: Sequence[Path]) -> list[dict[str, Any]]:
     for path in paths:
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
+
+
+KUEUE_STAND_IN_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "localqueues.kueue.x-k8s.io"},
+    "spec": {
+        "group": "kueue.x-k8s.io",
+        "names": {"kind": "LocalQueue", "plural": "localqueues", "singular": "localqueue"},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1beta1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+"""A STAND-IN for Kueue's API: only its group being served, which is all the operator checks
+before it creates RayJobs with Kueue's queue label (Kueue's own controller and webhook are not
+here; the tests play their part)."""
+
+
+def install_kueue_stand_in(plane: ControlPlane, workdir: Path) -> None:
+    """Serve ``kueue.x-k8s.io`` (the stand-in CRD above) on ``plane``."""
+    path = workdir / "kueue-stand-in.yaml"
+    path.write_text(yaml.safe_dump(KUEUE_STAND_IN_CRD))
+    plane.apply_server_side(path)
+    plane.wait_established("localqueues.kueue.x-k8s.io")

@@ -17,8 +17,8 @@ from distillation_operator.builders.common import (
     ANNOTATION_SPEC_HASH,
     Images,
     child_metadata,
+    child_name,
     container_resources,
-    fit_name,
     spec_hash,
 )
 
@@ -26,11 +26,19 @@ MODEL_DIR = "/mnt/models"
 SERVING_PORT = 8080
 GPU_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
 GPU_MINOR_LABEL = "nvidia.com/gpu.compute.minor"
+MAX_INFERENCE_SERVICE_NAME = 45
+"""KServe takes DNS-1035 names only and builds 63-character labels from them: its predictor's
+Service and Deployment ``<name>-predictor`` and, in older releases and Knative mode,
+``<name>-predictor-default`` (18 more characters: 63 - 18 = 45). What is left of the 63 also
+keeps host names such as ``<name>-predictor-<namespace>`` valid for short namespaces."""
+
+INFERENCE_SERVICE_API = "serving.kserve.io/v1beta1"
 
 
 def inference_service_name(distillation: str) -> str:
-    """The InferenceService name (KServe derives 63-character host names from it)."""
-    return fit_name(distillation.replace(".", "-"), 45)
+    """The InferenceService name: the Distillation's, as a DNS-1035 label KServe accepts (a
+    Distillation named ``7b-chat`` or ``llama.v2`` gets a rewritten, hashed one)."""
+    return child_name(distillation, (), MAX_INFERENCE_SERVICE_NAME)
 
 
 def vllm_args(serve: ServeSpec, served_name: str) -> list[str]:
@@ -109,7 +117,7 @@ def build_inference_service(
     metadata = child_metadata(body, name, "serve")
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(spec_)}
     return {
-        "apiVersion": "serving.kserve.io/v1beta1",
+        "apiVersion": INFERENCE_SERVICE_API,
         "kind": "InferenceService",
         "metadata": metadata,
         "spec": spec_,

@@ -9,7 +9,6 @@ Secrets reach the pods only as ``secretKeyRef`` environment variables.
 
 from __future__ import annotations
 
-import re
 import shlex
 from typing import Any
 
@@ -21,8 +20,8 @@ from distillation_operator.builders.common import (
     LABEL_STAGE,
     Images,
     child_metadata,
+    child_name,
     container_resources,
-    fit_name,
 )
 from distillation_runtime.plan import Plan
 from distillation_runtime.spec import dump_spec
@@ -33,18 +32,18 @@ from distillation_runtime.yamlio import dump_yaml
 MAX_RAYJOB_NAME = 47
 """KubeRay refuses longer RayJob names (its RayCluster and service names derive from them)."""
 SPEC_ENV = "DISTILL_SPEC"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+RAYJOB_API = "ray.io/v1"
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_QUEUE_LABEL = f"{KUEUE_GROUP}/queue-name"
 HEAD_DEFAULTS = Resources(cpu="2", memory="8Gi", gpus=0)
 WORKER_DEFAULTS = StagePlacement(cpu="4", memory="16Gi", gpus=0, replicas=1)
 WORKER_GROUP = "workers"
 
 
 def rayjob_name(distillation: str, stage: str, attempt: int) -> str:
-    """``<distillation>-<stage>-<attempt>`` as a DNS-1035 label of at most 47 characters."""
-    base = re.sub(r"[^a-z0-9-]", "-", distillation.lower())
-    if not base[:1].isalpha():
-        base = f"d-{base}"
-    return fit_name(f"{base}-{stage}-{attempt}", MAX_RAYJOB_NAME)
+    """``<distillation>-<stage>-<attempt>`` as a DNS-1035 label of at most 47 characters, unique
+    per Distillation (``child_name``)."""
+    return child_name(distillation, (stage, attempt), MAX_RAYJOB_NAME)
 
 
 def entrypoint(stage: str, plan: Plan) -> str:
@@ -228,4 +227,4 @@ def build_rayjob(
     if placement.queue_name:
         # Kueue's webhook suspends the job on creation and admits it by resuming it.
         metadata["labels"][KUEUE_QUEUE_LABEL] = placement.queue_name
-    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": job}
+    return {"apiVersion": RAYJOB_API, "kind": "RayJob", "metadata": metadata, "spec": job}
