@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the test tools from Go modules (no prebuilt downloads) into a cache
 # folder outside the repository, and prints the folder holding them
-# (kubectl, helm, testcluster) as the last line of stdout.
+# (kubectl, helm, testcluster, kuberay-operator, kube-score) as the last line of stdout.
 #
 #   testcluster  kube-apiserver + kube-controller-manager + etcd + kubectl in
 #                one binary (hack/testcluster); rebuilt only when its go.mod,
@@ -9,6 +9,9 @@
 #   helm         helm.sh/helm/v4/cmd/helm@$HELM_VERSION; built once per version
 #   kuberay-operator  github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION (the
 #                real KubeRay controller the cluster tests run); built once per version
+#   kube-score   github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION (scores the
+#                chart's rendered manifests, tests/cluster/test_helm_chart.py); built once
+#                per version, about 1.5 minutes cold
 #
 # Environment:
 #   DISTILL_TOOLS_DIR  tools folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/distillation-operator/tools)
@@ -19,6 +22,7 @@ set -euo pipefail
 
 HELM_VERSION=v4.3.1
 KUBERAY_VERSION=v1.5.0
+KUBE_SCORE_VERSION=v1.20.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/testcluster"
@@ -114,6 +118,8 @@ go_install_once "helm $HELM_VERSION" "$tools/helm-$HELM_VERSION" helm \
 	"helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 go_install_once "kuberay-operator $KUBERAY_VERSION" "$tools/kuberay-$KUBERAY_VERSION" ray-operator \
 	"-s -w" "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION"
+go_install_once "kube-score $KUBE_SCORE_VERSION" "$tools/kube-score-$KUBE_SCORE_VERSION" kube-score \
+	"-s -w -X main.version=$KUBE_SCORE_VERSION" "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
 
 # --- bin/ ------------------------------------------------------------------------
 # kubectl is the testcluster binary invoked under the name "kubectl".
@@ -121,5 +127,6 @@ ln -sfn ../testcluster "$bin/testcluster"
 ln -sfn ../testcluster "$bin/kubectl"
 ln -sfn "../helm-$HELM_VERSION/helm" "$bin/helm"
 ln -sfn "../kuberay-$KUBERAY_VERSION/ray-operator" "$bin/kuberay-operator"
+ln -sfn "../kube-score-$KUBE_SCORE_VERSION/kube-score" "$bin/kube-score"
 
 echo "$bin"

@@ -10,13 +10,21 @@ own: GitOps tools read ``observedGeneration`` and ``conditions`` to decide healt
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, create_model, model_validator
 
-from distillation_runtime.fields import cel
+from distillation_runtime.fields import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    DNS_SUBDOMAIN_BODY,
+    Matches,
+    cel,
+    cel_string,
+)
 from distillation_runtime.spec import (
     API_GROUP,
     CLUSTER_ONLY_FIELDS,
@@ -35,18 +43,142 @@ SHORT_NAMES = ["dist"]
 API_VERSION = f"{API_GROUP}/{VERSION}"
 
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
-"""Kubernetes resource quantity (``4``, ``500m``, ``16Gi``), as in the core API's schema."""
+"""Kubernetes resource quantity (``4``, ``500m``, ``16Gi``), as in the core API's schema but
+without a leading '-': a pod's requests and limits must not be negative, and the API server
+would only say so when the operator creates the RayJob."""
 
-Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+Quantity = Annotated[
+    str,
+    Matches(
+        QUANTITY_PATTERN,
+        'a non-negative Kubernetes quantity such as "4", "500m", "16Gi" or "1e3"',
+        max_length=64,
+    ),
+]
 ResourceName = Annotated[str, Field(pattern=DNS_SUBDOMAIN, min_length=1, max_length=253)]
 EnvName = Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)]
-Image = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")]
-Labels = dict[str, Annotated[str, Field(max_length=63)]]
+
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+"""A key of a Secret's data, as the core API validates it (``secretKeyRef.key``)."""
+
+SecretKey = Annotated[
+    str,
+    Matches(
+        SECRET_KEY_PATTERN,
+        "a Secret key: at most 253 letters, digits, '-', '_' or '.'",
+        min_length=1,
+        max_length=253,
+    ),
+]
+
+_REGISTRY_HOST = r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?"
+_REGISTRY = (
+    rf"((localhost|{_REGISTRY_HOST}(\.{_REGISTRY_HOST})+|\[[0-9a-fA-F:]+\])(:[0-9]+)?"
+    rf"|{_REGISTRY_HOST}:[0-9]+)"
+)
+_REPOSITORY_PART = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    rf"^({_REGISTRY}/)?{_REPOSITORY_PART}(/{_REPOSITORY_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}))?$"
+)
+"""An OCI image reference (the distribution grammar): optional registry (a host with a dot, a
+port or ``localhost``), a lowercase repository path, optional ``:tag`` and/or ``@digest``.
+Kubernetes takes any string here and the kubelet refuses a bad one only when pulling, so the
+pod would sit in InvalidImageName; this refuses it at ``kubectl apply``."""
+
+Image = Annotated[
+    str,
+    Matches(
+        IMAGE_PATTERN,
+        "an image reference such as ghcr.io/org/image:1.0, vllm/vllm-openai:v0.33.0 or "
+        "localhost:5000/org/image@sha256:<64 hex digits> (optional registry host[:port]/, a "
+        "lowercase repository path, optional :tag and/or @sha256: digest)",
+        min_length=1,
+        max_length=512,
+    ),
+]
+
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+"""A label value (at most 63 characters, checked by length): may be empty."""
+
+LabelValue = Annotated[
+    str,
+    Matches(
+        LABEL_VALUE_PATTERN,
+        "a label value: empty, or at most 63 letters, digits, '-', '_' or '.' with a letter or "
+        "digit at each end",
+        max_length=63,
+    ),
+]
+
+_LABEL_KEY_BODY = rf"({DNS_SUBDOMAIN_BODY}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = rf"^{_LABEL_KEY_BODY}$"
+"""A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters."""
+
+LABEL_KEY_PREFIX_PATTERN = r"^([^/]{1,253}/)?[^/]+$"
+"""A label key's prefix has at most 253 characters (a second pattern: RE2 has no look-ahead)."""
+
+LABEL_KEY_ALLOWED = (
+    "a label key: an optional prefix (a DNS subdomain of at most 253 lowercase letters, digits, "
+    "'-' and '.') and '/', then a name of at most 63 letters, digits, '-', '_' or '.' with a "
+    "letter or digit at each end"
+)
+
+MAX_LABELS = 64
+"""Labels per selector. Kubernetes has no limit, but the API server bounds the cost of the key
+rule by it (an unbounded map makes every CEL rule on it too expensive to admit)."""
+
+TolerationKey = Annotated[
+    str,
+    Matches(
+        rf"^({_LABEL_KEY_BODY})?$",
+        LABEL_KEY_ALLOWED + ", or empty to match every key",
+        max_length=317,
+    ),
+]
+
+
+def _valid_label_key(key: str) -> bool:
+    return all(re.fullmatch(p, key) for p in (LABEL_KEY_PATTERN, LABEL_KEY_PREFIX_PATTERN))
+
+
+class _LabelKeys:
+    """``Annotated[dict[str, LabelValue], _LabelKeys()]``: label keys checked, at most
+    ``MAX_LABELS`` of them. Structural schemas cannot constrain map keys, so the CRD gets the key
+    check as a CEL rule on the map, and pydantic reports it on the map too (both name the same
+    field: ``spec.placement.nodeSelector``)."""
+
+    def check(self, labels: dict[str, str]) -> dict[str, str]:
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"has {len(labels)} labels; at most {MAX_LABELS} are allowed")
+        for key in labels:
+            if not _valid_label_key(key):
+                raise ValueError(f"key {key!r} must be {LABEL_KEY_ALLOWED}")
+        return labels
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict[str, Any]:
+        out: dict[str, Any] = handler(schema)
+        key_checks = " && ".join(
+            f"k.matches({cel_string(p)})" for p in (LABEL_KEY_PATTERN, LABEL_KEY_PREFIX_PATTERN)
+        )
+        out["maxProperties"] = MAX_LABELS
+        out["x-kubernetes-validations"] = [
+            cel(f"self.all(k, {key_checks})", f"every key must be {LABEL_KEY_ALLOWED}")
+        ]
+        return out
+
+
+Labels = Annotated[dict[str, LabelValue], _LabelKeys()]
+"""Label selector terms (nodeSelector, clusterSelector): keys and values in Kubernetes label
+syntax, which the API server would otherwise refuse only on the RayJob or InferenceService."""
 
 CLUSTER_SCHEMES = ("hf://", "s3://", "gs://", "pvc://")
 
@@ -74,14 +206,48 @@ class TaintEffect(StrEnum):
 class Toleration(SpecModel):
     """A pod toleration, as in the core API (lets pods land on tainted GPU nodes)."""
 
-    key: str | None = Field(
-        default=None, max_length=316, description="Taint key; empty matches all keys."
+    # The core API's rules, repeated: the API server would apply them only to the RayJob's or
+    # InferenceService's pods, after the Distillation was accepted.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "value must be empty when operator is Exists (Exists matches every value of "
+                    "the key; use operator Equal to match one value)",
+                    ".value",
+                ),
+                cel(
+                    "!has(self.tolerationSeconds) || "
+                    "(has(self.effect) && self.effect == 'NoExecute')",
+                    "tolerationSeconds needs effect NoExecute (it is how long a pod stays on a "
+                    "node after a NoExecute taint appears)",
+                    ".tolerationSeconds",
+                ),
+                cel(
+                    f"!has(self.key) || self.key == '' || "
+                    f"self.key.matches({cel_string(LABEL_KEY_PREFIX_PATTERN)})",
+                    "the prefix of key (before '/') has at most 253 characters",
+                    ".key",
+                ),
+                cel(
+                    "self.operator == 'Exists' || (has(self.key) && self.key != '')",
+                    "operator must be Exists when key is empty (an empty key matches every "
+                    "taint, so there is no value to be Equal to)",
+                    ".operator",
+                ),
+            ]
+        }
+    )
+
+    key: TolerationKey | None = Field(
+        default=None, description="Taint key; empty matches all keys."
     )
     operator: TolerationOperator = Field(
         default=TolerationOperator.EQUAL, description="Exists or Equal."
     )
-    value: str | None = Field(
-        default=None, max_length=63, description="Taint value to match with operator Equal."
+    value: LabelValue | None = Field(
+        default=None, description="Taint value to match with operator Equal."
     )
     effect: TaintEffect | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
@@ -89,6 +255,35 @@ class Toleration(SpecModel):
     toleration_seconds: int | None = Field(
         default=None, ge=0, description="For NoExecute: how long the pod stays bound."
     )
+
+    @model_validator(mode="after")
+    def _as_the_core_api_checks(self) -> Self:
+        if self.key and not re.fullmatch(LABEL_KEY_PREFIX_PATTERN, self.key):
+            prefix = self.key.split("/", 1)[0]
+            raise ValueError(
+                f"the prefix of key {self.key!r} has {len(prefix)} characters: the prefix of "
+                "key (before '/') has at most 253 characters"
+            )
+        if self.operator is TolerationOperator.EXISTS and self.value:
+            raise ValueError(
+                f"operator is Exists but value is {self.value!r}: value must be empty when "
+                "operator is Exists (Exists matches every value of the key; use operator Equal "
+                "to match one value)"
+            )
+        if self.toleration_seconds is not None and self.effect is not TaintEffect.NO_EXECUTE:
+            effect = self.effect.value if self.effect is not None else "empty"
+            raise ValueError(
+                f"tolerationSeconds is {self.toleration_seconds} but effect is {effect}: "
+                "tolerationSeconds needs effect NoExecute (it is how long a pod stays on a node "
+                "after a NoExecute taint appears)"
+            )
+        if not self.key and self.operator is not TolerationOperator.EXISTS:
+            raise ValueError(
+                f"key is empty but operator is {self.operator.value}: operator must be Exists "
+                "when key is empty (an empty key matches every taint, so there is no value to "
+                "be Equal to)"
+            )
+        return self
 
 
 class Resources(SpecModel):
@@ -264,19 +459,17 @@ class SecretKeyRef(SpecModel):
     """One key of a Secret in the Distillation's namespace."""
 
     name: ResourceName = Field(description="Secret name.")
-    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
-        default="HF_TOKEN", description="Key in the Secret."
-    )
+    key: SecretKey = Field(default="HF_TOKEN", description="Key in the Secret.")
 
 
 class ObjectStoreSecret(SpecModel):
     """S3-compatible credentials, read from a Secret in the Distillation's namespace."""
 
     name: ResourceName = Field(description="Secret name.")
-    access_key_id_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+    access_key_id_key: SecretKey = Field(
         default="AWS_ACCESS_KEY_ID", description="Key holding the access key id."
     )
-    secret_access_key_key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+    secret_access_key_key: SecretKey = Field(
         default="AWS_SECRET_ACCESS_KEY", description="Key holding the secret access key."
     )
 
@@ -484,6 +677,12 @@ class Reason(StrEnum):
     GATE_FAILED = "GateFailed"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     INVALID_SPEC = "InvalidSpec"
+    MISSING_API = "MissingAPI"
+    """An API the spec needs (KubeRay, KServe, Kueue) is not served by the cluster; the
+    operator looks again every minute and resumes by itself once it is installed."""
+    CHILD_WRITE_FAILED = "ChildWriteFailed"
+    """The API server refused a write of a child (RBAC, a ResourceQuota, a webhook, a name taken
+    by an object the Distillation does not own); the message is the server's."""
     IDLE = "Idle"
     """Reconciling=False: nothing to do."""
     PROGRESSING = "Progressing"
@@ -495,7 +694,14 @@ class Reason(StrEnum):
 
 
 STALLING_REASONS = frozenset(
-    {Reason.GATE_FAILED, Reason.STAGE_FAILED, Reason.DEADLINE_EXCEEDED, Reason.INVALID_SPEC}
+    {
+        Reason.GATE_FAILED,
+        Reason.STAGE_FAILED,
+        Reason.DEADLINE_EXCEEDED,
+        Reason.INVALID_SPEC,
+        Reason.MISSING_API,
+        Reason.CHILD_WRITE_FAILED,
+    }
 )
 """Summary reasons that need a person (a Warning event, Stalled=True)."""
 

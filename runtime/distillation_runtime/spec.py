@@ -34,6 +34,7 @@ from distillation_runtime.fields import (
     MODEL_URI_PATTERN,
     DecimalRange,
     DecimalString,
+    StorageURIRules,
     cel,
 )
 
@@ -48,9 +49,10 @@ TopP = Annotated[DecimalString, DecimalRange(gt="0", le="1")]
 LearningRate = Annotated[DecimalString, DecimalRange(gt="0", le="1")]
 Retention = Annotated[DecimalString, DecimalRange(gt="0", le="2")]
 
-ModelURI = Annotated[str, Field(pattern=MODEL_URI_PATTERN, max_length=1024)]
+ModelURI = Annotated[str, Field(pattern=MODEL_URI_PATTERN, max_length=1024), StorageURIRules()]
 """hf://org/name[@revision], s3://bucket/path, gs://bucket/path, pvc://claim/path, file:// or a
-plain path."""
+plain path. A pvc:// claim must be a valid PersistentVolumeClaim name and an s3:// or gs:// URI
+must name a valid bucket: refused here and by the CRD's CEL, not when a stage starts."""
 StorageURI = ModelURI
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from distillation_operator.api import Distillation, DistillationSpec, DistillationStatus
 from distillation_runtime.spec import CLUSTER_ONLY_FIELDS, PipelineSpec, SpecError, parse_model
-from support.corpus import BadCase, load_corpus, names_field
+from support.corpus import BadCase, load_corpus, merge_patch, names_field
 
 CORPUS = load_corpus()
 
@@ -54,6 +54,95 @@ def test_corpus_case_is_refused_naming_its_field(case: BadCase) -> None:
 
 def test_corpus_is_big_enough() -> None:
     assert len(CORPUS) >= 40
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "value", "allowed"),
+    [
+        ({"placement": {"head": {"cpu": "-1"}}}, "spec.placement.head.cpu", "-1", "non-negative"),
+        (
+            {"placement": {"image": "ghcr.io/Org/img:1.0"}},
+            "spec.placement.image",
+            "ghcr.io/Org/img:1.0",
+            "lowercase repository path",
+        ),
+        (
+            {"placement": {"nodeSelector": {"zone": "a" * 64}}},
+            "spec.placement.nodeSelector.zone",
+            "a" * 64,
+            "at most 63 characters",
+        ),
+        (
+            {"placement": {"nodeSelector": {"x" * 64: "a"}}},
+            "spec.placement.nodeSelector",
+            "x" * 64,
+            "a name of at most 63",
+        ),
+        (
+            {"placement": {"nodeSelector": {"b" * 254 + "/x": "a"}}},
+            "spec.placement.nodeSelector",
+            "b" * 254 + "/x",
+            "at most 253",
+        ),
+        (
+            {"secrets": {"huggingFaceToken": {"name": "hf", "key": "hf:token"}}},
+            "spec.secrets.huggingFaceToken.key",
+            "hf:token",
+            "letters, digits, '-', '_' or '.'",
+        ),
+        (
+            {"placement": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "y"}]}},
+            "spec.placement.tolerations[0]",
+            "y",
+            "value must be empty when operator is Exists",
+        ),
+        (
+            {
+                "serve": {
+                    "tolerations": [
+                        {
+                            "key": "gpu",
+                            "effect": "NoSchedule",
+                            "value": "y",
+                            "tolerationSeconds": 30,
+                        }
+                    ]
+                }
+            },
+            "spec.serve.tolerations[0]",
+            "NoSchedule",
+            "tolerationSeconds needs effect NoExecute",
+        ),
+        (
+            {"output": "pvc://Artifacts/tiny"},
+            "spec.output",
+            "pvc://Artifacts/tiny",
+            "PersistentVolumeClaim name",
+        ),
+        (
+            {"dataset": {"prompts": "s3:///prompts.jsonl"}},
+            "spec.dataset.prompts",
+            "s3:///prompts.jsonl",
+            "names no bucket",
+        ),
+    ],
+)
+def test_refusal_names_the_field_the_value_and_what_is_allowed(
+    samples: dict[str, dict[str, Any]], patch: dict[str, Any], field: str, value: str, allowed: str
+) -> None:
+    manifest = merge_patch(samples["tiny-cpu"], {"spec": patch})
+    with pytest.raises(SpecError) as caught:
+        parse_model(Distillation, manifest, prefix="")
+    lines = [line for line in caught.value.problems if line.startswith(f"{field}: ")]
+    assert any(value in line and allowed in line for line in lines), caught.value.problems
+
+
+def test_selectors_hold_at_most_64_labels(samples: dict[str, dict[str, Any]]) -> None:
+    labels = {f"l{i}": "x" for i in range(65)}
+    manifest = merge_patch(samples["tiny-cpu"], {"spec": {"serve": {"nodeSelector": labels}}})
+    with pytest.raises(SpecError) as caught:
+        parse_model(Distillation, manifest, prefix="")
+    assert "spec.serve.nodeSelector: has 65 labels; at most 64 are allowed" in caught.value.problems
 
 
 def test_status_serialises_camel_case_with_rfc3339_times() -> None:

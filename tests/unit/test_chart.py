@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,32 @@ def values_schema() -> dict[str, Any]:
     return json.loads((CHART / "values.schema.json").read_text())
 
 
+def default_values() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    return values
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on ``base`` as Helm merges a values file: maps deeply, lists replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def readme_values_examples() -> list[dict[str, Any]]:
+    """The chart README's ```yaml blocks: each is a values file a user would pass with -f."""
+    text = (CHART / "README.md").read_text()
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+
+
+def test_values_schema_is_a_valid_draft7_schema(values_schema: dict[str, Any]) -> None:
+    jsonschema.Draft7Validator.check_schema(values_schema)
+
+
 def test_default_values_satisfy_the_schema(values_schema: dict[str, Any]) -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     jsonschema.Draft7Validator(values_schema).validate(values)
@@ -34,12 +61,76 @@ def test_default_values_satisfy_the_schema(values_schema: dict[str, Any]) -> Non
         {"crds": {"install": "yes"}},
         {"image": {"repository": "", "pullPolicy": "IfNotPresent"}},
         {"unknownTopLevel": 1},
+        {"image": {"repository": "x", "pullPolicy": "Sometimes"}},
+        {"resources": {"requests": {"cpu": "100m"}, "limit": {"cpu": "1"}}},
+        {"extraEnv": [{"value": "no name"}]},
+        {"extraEnvFrom": [{"secret": {"name": "s3"}}]},
+        {"extraVolumes": [{"name": "Not_A_Name", "emptyDir": {}}]},
+        {"extraVolumeMounts": [{"name": "artifacts"}]},
+        {"extraVolumeMounts": [{"name": "artifacts", "mountPath": "relative/path"}]},
+        {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 1}}},
+        {"networkPolicy": {"enabled": "yes"}},
+        {"networkPolicy": {"apiServer": {"ports": []}}},
+        {"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1"], "ports": [443]}}},
+        {"networkPolicy": {"artifactStore": [{"toPorts": [{"port": 443}]}]}},
+        {"networkPolicy": {"artifactStore": [{"ports": [{"port": 443, "protocol": "HTTP"}]}]}},
+        {"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}},
+        {"networkPolicy": {"dns": {"to": [{}]}}},
     ],
 )
 def test_schema_refuses_bad_values(values_schema: dict[str, Any], bad: dict[str, Any]) -> None:
-    values = yaml.safe_load((CHART / "values.yaml").read_text()) | bad
+    values = merged(default_values(), bad)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft7Validator(values_schema).validate(values)
+
+
+def test_default_resources_request_and_limit_cpu_memory_and_ephemeral_storage() -> None:
+    resources = default_values()["resources"]
+    for kind in ("requests", "limits"):
+        assert set(resources[kind]) == {"cpu", "memory", "ephemeral-storage"}, kind
+    # The operator peaks near 200 MB resident at 300 Distillations: the limit must leave room.
+    assert resources["limits"]["memory"] == "512Mi"
+
+
+def test_default_pull_policy_is_explicit() -> None:
+    assert default_values()["image"]["pullPolicy"] == "IfNotPresent"
+
+
+def test_network_policy_is_opt_in_and_allows_https_to_the_artifact_store() -> None:
+    policy = default_values()["networkPolicy"]
+    assert policy["enabled"] is False
+    assert policy["apiServer"] == {"cidrs": [], "ports": [443, 6443]}
+    assert policy["artifactStore"] == [{"ports": [{"port": 443, "protocol": "TCP"}]}]
+    assert policy["dns"]["to"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    ]
+
+
+def test_default_security_context_is_hardened() -> None:
+    values = default_values()
+    assert values["podSecurityContext"]["runAsNonRoot"] is True
+    assert values["podSecurityContext"]["runAsUser"] > 10000
+    assert values["securityContext"]["readOnlyRootFilesystem"] is True
+    assert values["securityContext"]["allowPrivilegeEscalation"] is False
+    assert values["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_every_values_example_in_the_chart_readme_satisfies_the_schema(
+    values_schema: dict[str, Any],
+) -> None:
+    examples = readme_values_examples()
+    # pvc, S3 with keys, S3 with workload identity, a tight NetworkPolicy.
+    assert len(examples) >= 4
+    for example in examples:
+        jsonschema.Draft7Validator(values_schema).validate(merged(default_values(), example))
+
+
+def test_readme_pvc_example_mounts_the_claim_where_pvc_uris_resolve() -> None:
+    from distillation_runtime.storage import DEFAULT_PVC_ROOT
+
+    pvc = next(e for e in readme_values_examples() if "extraVolumes" in e)
+    claim = pvc["extraVolumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert pvc["extraVolumeMounts"][0]["mountPath"] == f"{DEFAULT_PVC_ROOT}/{claim}"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from distillation_operator import crdgen
-from support.corpus import BadCase, load_corpus, names_field
+from distillation_operator.api import Distillation
+from support.corpus import BadCase, load_corpus, merge_patch, names_field
 from support.kubeschema import admit, compile_all_rules
 
 CORPUS = load_corpus()
@@ -118,3 +119,107 @@ def test_corpus_case_is_refused_by_the_schema_naming_its_field(
     errors = [str(e) for e in admit(crd, case.manifest)]
     assert errors, case.why
     assert any(names_field(e, case.field) for e in errors), (case.why, errors)
+
+
+def test_cel_rules_on_maps_and_lists_are_bounded(crd: dict[str, Any]) -> None:
+    """The API server refuses a CRD whose rule over an unbounded map or list is estimated too
+    expensive (a label-key rule without maxProperties is 1.6x over the budget)."""
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    unbounded = [
+        path
+        for path, node in walk(spec, "spec")
+        if node.get("x-kubernetes-validations")
+        and (
+            ("additionalProperties" in node and "maxProperties" not in node)
+            or (node.get("type") == "array" and "maxItems" not in node)
+        )
+    ]
+    assert not unbounded
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+VALID_EDGES: dict[str, dict[str, Any]] = {
+    "image-registry-with-a-dot": {"placement": {"image": "ghcr.io/org/img:1.0"}},
+    "image-docker-hub-org": {"serve": {"image": "vllm/vllm-openai:v0.33.0"}},
+    "image-port-and-digest": {"placement": {"image": f"localhost:5000/a/b@{DIGEST}"}},
+    "image-tag-and-digest": {
+        "placement": {"quantizeImage": f"registry.example.com:443/team/q:2024.01-py3@{DIGEST}"}
+    },
+    "image-ecr": {
+        "placement": {"image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/ml/runtime:1"}
+    },
+    "image-separators": {"placement": {"image": "quay.io/org/img_name__x.y--z:Latest_1"}},
+    "image-bare-name": {"serve": {"image": "ubuntu"}},
+    "image-ipv6-registry": {"serve": {"image": "[fd00::1]:5000/img:1"}},
+    "quantities": {
+        "placement": {
+            "head": {"cpu": "+500m", "memory": "1e9"},
+            "workers": {"cpu": "0", "memory": "1.5Gi"},
+        }
+    },
+    "labels": {
+        "placement": {
+            "nodeSelector": {
+                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                "node-role.kubernetes.io/gpu": "",
+                "zone": "a" * 63,
+                "k" * 63: "x",
+                "b" * 253 + "/x": "y_1.z",
+            }
+        },
+        "serve": {"nodeSelector": {f"l{i}": "x" for i in range(64)}},
+    },
+    "tolerations": {
+        "placement": {
+            "tolerations": [
+                {"operator": "Exists"},
+                {"key": "", "operator": "Exists"},
+                {"key": "g" * 253 + "/" + "n" * 63, "operator": "Exists"},
+                {"key": "gpu", "operator": "Exists", "value": ""},
+                {"key": "dedicated", "value": "ml_team-1", "effect": "NoSchedule"},
+                {
+                    "key": "node.kubernetes.io/unreachable",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 300,
+                },
+            ]
+        }
+    },
+    "secret-keys": {
+        "secrets": {
+            "huggingFaceToken": {"name": "hf", "key": ".hf_token-1"},
+            "objectStore": {
+                "name": "s3",
+                "accessKeyIdKey": "AWS.ID",
+                "secretAccessKeyKey": "k" * 253,
+            },
+        }
+    },
+    "buckets-and-claims": {
+        "teacher": {"model": "s3://b/teacher"},
+        "student": {"model": "gs://my.bucket_1/student"},
+        "dataset": {"prompts": "pvc://data.v2"},
+        "output": "pvc://" + "c" * 253 + "/out",
+    },
+    "bucket-root": {"output": "s3://bucket"},
+}
+
+
+@pytest.mark.parametrize("patch", VALID_EDGES.values(), ids=VALID_EDGES.keys())
+def test_valid_edge_values_are_accepted_by_models_and_schema_alike(
+    crd: dict[str, Any], samples: dict[str, dict[str, Any]], patch: dict[str, Any]
+) -> None:
+    manifest = merge_patch(samples["tiny-cpu"], {"spec": patch})
+    Distillation.model_validate(manifest)
+    assert admit(crd, manifest) == []
+
+
+def test_selectors_hold_at_most_64_labels_in_the_schema(
+    crd: dict[str, Any], samples: dict[str, dict[str, Any]]
+) -> None:
+    labels = {f"l{i}": "x" for i in range(65)}
+    manifest = merge_patch(samples["tiny-cpu"], {"spec": {"serve": {"nodeSelector": labels}}})
+    errors = [str(e) for e in admit(crd, manifest)]
+    assert any(e.startswith("spec.serve.nodeSelector: ") for e in errors), errors

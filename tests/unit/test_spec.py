@@ -149,6 +149,23 @@ def test_local_paths_are_fine_for_distill_run() -> None:
             "valid integer",
         ),
         ({"tracher": {}}, "spec.tracher", "unknown field"),
+        ({"output": "s3:///out"}, "spec.output", "'s3:///out' names no bucket"),
+        (
+            {"dataset": {"prompts": "gs://Bad_Bucket/p.jsonl"}},
+            "spec.dataset.prompts",
+            "the bucket 'Bad_Bucket', which is not a valid name",
+        ),
+        (
+            {"teacher": {"model": "pvc://Models/teacher"}},
+            "spec.teacher.model",
+            "the claim 'Models', which is not a valid name",
+        ),
+        ({"output": "pvc:///out"}, "spec.output", "'pvc:///out' names no claim"),
+        (
+            {"output": "pvc://" + "a" * 254 + "/out"},
+            "spec.output",
+            "(254 characters), which is not a valid name",
+        ),
     ],
 )
 def test_invalid_spec_is_refused_naming_the_field(
@@ -156,6 +173,25 @@ def test_invalid_spec_is_refused_naming_the_field(
 ) -> None:
     lines = problems(minimal(**change))
     assert any(line.startswith(f"{field}: ") and words in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://b/prompts.jsonl",
+        "s3://bucket",
+        "gs://my.bucket_1/data/",
+        "pvc://data",
+        "pvc://data.v2/prompts/part-0.jsonl",
+        "pvc://" + "c" * 253 + "/p.jsonl",
+        "hf://org/prompts",
+        "./prompts.jsonl",
+        "file:///data/prompts.jsonl",
+    ],
+)
+def test_well_formed_uris_are_accepted(uri: str) -> None:
+    spec = parse_model(PipelineSpec, minimal(dataset={"prompts": uri}))
+    assert spec.dataset.prompts == uri
 
 
 def test_missing_required_fields_are_each_named() -> None:

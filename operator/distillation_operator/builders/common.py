@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,64 @@ def fit_name(name: str, max_length: int) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{name[: max_length - 9].rstrip('-.')}-{digest}"
+
+
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+"""What Kubernetes, KubeRay and KServe accept as a name (RFC 1035 label, length aside)."""
+HASH_MARK = "--"
+"""Separates a rewritten name from the hash of the original. A name kept as it is never contains
+it, a rewritten one exactly once: so no rewritten name equals a kept one."""
+HASH_LENGTH = 8
+"""Base-36 characters of the original name's SHA-256 (about 41 bits)."""
+PREFIX = "d-"
+"""Put before a name that does not start with a letter (``7b-chat``)."""
+_PART = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _short_hash(name: str) -> str:
+    """``HASH_LENGTH`` base-36 characters of the SHA-256 of ``name``: more bits per character
+    than hex, and every character is valid in a label."""
+    number = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    digits = ""
+    for _ in range(HASH_LENGTH):
+        number, digit = divmod(number, 36)
+        digits += "0123456789abcdefghijklmnopqrstuvwxyz"[digit]
+    return digits
+
+
+def keeps_name(name: str) -> bool:
+    """Whether ``name`` is used as it is: a DNS-1035 label that does not contain ``HASH_MARK``."""
+    return bool(DNS_1035.match(name)) and HASH_MARK not in name
+
+
+def _readable(name: str) -> str:
+    """``name`` in label characters: lower case, every run of other characters (and of ``-``)
+    one ``-``, starting with a letter."""
+    text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return text if text[:1].isalpha() else f"{PREFIX}{text}".rstrip("-")
+
+
+def child_name(name: str, suffix: Sequence[str | int], max_length: int) -> str:
+    """The DNS-1035 label (at most ``max_length`` characters) naming a child of Distillation
+    ``name``: ``<name>-<suffix...>``.
+
+    A valid name that fits is kept as it is (``demo-train-1``). Any other is rewritten (a
+    character replaced, ``PREFIX`` added, or shortened) and then carries the hash of the original
+    after ``HASH_MARK`` (``llama-v2--<hash>-train-1``), so distinct names never map to the same
+    child name: ``llama.v2`` and ``llama-v2`` differ by the mark, two rewritten ones by the
+    hash. The suffix parts are the caller's (stage, attempt): label parts without the mark."""
+    parts = [str(part) for part in suffix]
+    bad = [part for part in parts if not _PART.match(part) or HASH_MARK in part]
+    if bad:
+        raise ValueError(f"name suffix parts must be label parts without {HASH_MARK!r}: {bad}")
+    tail = "".join(f"-{part}" for part in parts)
+    if keeps_name(name) and len(name) + len(tail) <= max_length:
+        return f"{name}{tail}"
+    room = max_length - len(tail) - len(HASH_MARK) - HASH_LENGTH
+    if room < 1:
+        raise ValueError(f"no room for a name in {max_length} characters with suffix {tail!r}")
+    head = _readable(name)[:room].rstrip("-")
+    return f"{head}{HASH_MARK}{_short_hash(name)}{tail}"
 
 
 def label_value(value: str) -> str:
