@@ -247,6 +247,10 @@ def test_happy_path_every_stage_then_served(
         lambda: kube.inference_services()[0]["spec"]["predictor"]["minReplicas"] == 3,
     )
     assert len(kube.rayjobs()) == 6
+    # until KServe reports the new generation Ready, the old revision's Ready does not count
+    wait_condition(kube, name, "Ready", "False", "Serving")
+    kube.set_inference_service_ready(service["metadata"]["name"], "http://happy.test")
+    wait_condition(kube, name, "Ready", "True", "Served")
     text = operator.metrics()
     assert 'distillation_reconciles_total{outcome="ok"}' in text
     assert 'distillation_distillations{phase="Succeeded"} 1.0' in text
