@@ -832,6 +832,19 @@ class ServingStatus(StatusModel):
     ready: bool = Field(default=False, description="Whether it answers requests.")
 
 
+class DeadlineClock(StatusModel):
+    """What ``policy.deadlineSeconds`` counts: the working time of the current generation."""
+
+    generation: int = Field(ge=0, description="The spec generation whose work is timed.")
+    started: datetime = Field(description="When that generation's work started.")
+    suspended_seconds: int = Field(
+        default=0, ge=0, description="Seconds spent suspended since then (not counted)."
+    )
+    suspended_since: datetime | None = Field(
+        default=None, description="Set while spec.policy.suspend holds the work."
+    )
+
+
 class DistillationStatus(StatusModel):
     """Observed state, written only by the operator."""
 
@@ -851,13 +864,18 @@ class DistillationStatus(StatusModel):
     )
     start_time: datetime | None = Field(
         default=None,
-        description="When the first stage started (policy.deadlineSeconds counts from it).",
+        description="When the first stage started.",
     )
     completion_time: datetime | None = Field(
         default=None, description="When the last stage finished."
     )
     progress: str | None = Field(
         default=None, max_length=32, description="Stages done out of all, e.g. 3/6."
+    )
+    deadline_clock: DeadlineClock | None = Field(
+        default=None,
+        description="What policy.deadlineSeconds counts: from the start of the current "
+        "generation's work, without the time spent suspended.",
     )
     stages: list[StageStatus] | None = Field(
         default=None,

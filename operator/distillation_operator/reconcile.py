@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from distillation_operator import report
 from distillation_operator.actions import Actions, Event
 from distillation_operator.api import (
+    DeadlineClock,
     DistillationSpec,
     DistillationStatus,
     EventReason,
@@ -560,12 +561,33 @@ def decide_stages(d: Decision) -> list[StageStatus]:
     return records
 
 
-def overdue(spec: DistillationSpec, start: datetime | None, finished: bool, now: datetime) -> bool:
-    """Whether ``policy.deadlineSeconds`` has passed with stages still to do."""
-    deadline = spec.policy.deadline_seconds
-    if deadline is None or start is None or finished:
-        return False
-    return now >= start + timedelta(seconds=deadline)
+def deadline_clock(
+    old: DeadlineClock | None, generation: int, suspended: bool, finished: bool, now: datetime
+) -> DeadlineClock | None:
+    """The clock ``policy.deadlineSeconds`` runs on: it starts with the work of each new
+    generation (an edit weeks later is not overdue at once) and stops while suspended."""
+    if finished:
+        return old
+    clock = (
+        old.model_copy()
+        if old is not None and old.generation == generation
+        else DeadlineClock(generation=generation, started=now)
+    )
+    if suspended and clock.suspended_since is None:
+        clock.suspended_since = now
+    elif not suspended and clock.suspended_since is not None:
+        clock.suspended_seconds += int((now - clock.suspended_since).total_seconds())
+        clock.suspended_since = None
+    return clock
+
+
+def seconds_left(clock: DeadlineClock | None, deadline: int | None, now: datetime) -> float | None:
+    """Working time left before ``policy.deadlineSeconds``; None when there is no deadline or the
+    clock stands (suspended)."""
+    if clock is None or deadline is None or clock.suspended_since is not None:
+        return None
+    used = (now - clock.started).total_seconds() - clock.suspended_seconds
+    return deadline - used
 
 
 def enforce_deadline(d: Decision, stages: list[StageStatus]) -> None:
@@ -689,12 +711,19 @@ def reconcile(
     finished = all(s.state is StageState.SUCCEEDED for s in stages)
     started = [s.start_time for s in stages if s.start_time is not None]
     start_time = understood.old.start_time or (min(started) if started else None)
-    late = overdue(d.spec, start_time, finished, observed.now)
-    deadline = d.spec.policy.deadline_seconds
+    clock = deadline_clock(
+        understood.old.deadline_clock,
+        understood.generation,
+        d.spec.policy.suspend,
+        finished,
+        observed.now,
+    )
+    left = None if finished else seconds_left(clock, d.spec.policy.deadline_seconds, observed.now)
+    late = left is not None and left <= 0
     if late:
         enforce_deadline(d, stages)
-    elif deadline is not None and start_time is not None and not finished:
-        d.actions.requeue((start_time + timedelta(seconds=deadline) - observed.now).total_seconds())
+    elif left is not None:
+        d.actions.requeue(left)
     metrics = report.final_metrics(understood.plan, stages)
     gate = (metrics or {}).get("gatePassed") if finished else None
     serving, served = serve(d, stages, gate == "true") if finished and not late else (None, False)
@@ -705,6 +734,7 @@ def reconcile(
         now=observed.now,
         stages=stages,
         start_time=start_time,
+        deadline_clock=clock,
         overdue=late,
         metrics=metrics,
         serving=serving,

@@ -22,6 +22,7 @@ from distillation_operator.api import (
     STALLING_REASONS,
     Condition,
     ConditionStatus,
+    DeadlineClock,
     DistillationSpec,
     DistillationStatus,
     EventReason,
@@ -111,6 +112,7 @@ class Outcome:
     now: datetime
     stages: list[StageStatus]
     start_time: datetime | None
+    deadline_clock: DeadlineClock | None
     overdue: bool
     metrics: dict[str, str] | None
     serving: ServingStatus | None
@@ -282,6 +284,7 @@ def status(outcome: Outcome) -> DistillationStatus:
         start_time=outcome.start_time,
         completion_time=completion,
         progress=f"{outcome.done}/{len(outcome.stages)}",
+        deadline_clock=outcome.deadline_clock,
         stages=outcome.stages,
         metrics=outcome.metrics,
         serving=outcome.serving,

@@ -20,6 +20,7 @@ from support.cluster import ControlPlane, install_kueue_stand_in
 from support.operator import (
     Kube,
     OperatorProcess,
+    distillation_manifest,
     fail,
     local_path,
     running,
@@ -37,21 +38,8 @@ EVAL_METRICS = {
 
 
 def manifest(name: str, **spec_overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "teacher": {"model": "pvc://models/teacher"},
-        "student": {"model": "pvc://models/student"},
-        "dataset": {"prompts": "pvc://data/prompts.jsonl"},
-        "output": f"pvc://artifacts/{name}",
-        "policy": {"retries": 1, "backoffSeconds": 0},
-    }
-    for key, value in spec_overrides.items():
-        spec[key] = value
-    return {
-        "apiVersion": "distillation.dev/v1alpha1",
-        "kind": "Distillation",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
+    policy = {"policy": {"retries": 1, "backoffSeconds": 0}}
+    return distillation_manifest(name, policy | spec_overrides)
 
 
 @pytest.fixture

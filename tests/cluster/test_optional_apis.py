@@ -23,24 +23,14 @@ from support.cluster import (
     require_tools,
     start_control_plane,
 )
-from support.operator import Kube, OperatorProcess, wait_for
+from support.operator import Kube, OperatorProcess, distillation_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "teacher": {"model": "pvc://models/teacher"},
-        "student": {"model": "pvc://models/student"},
-        "dataset": {"prompts": "pvc://data/prompts.jsonl"},
-        "output": f"pvc://artifacts/{name}",
-    }
-    return {
-        "apiVersion": "distillation.dev/v1alpha1",
-        "kind": "Distillation",
-        "metadata": {"name": name},
-        "spec": base | spec,
-    }
+    """A Distillation on pvc:// storage (never read here: no stage finishes)."""
+    return distillation_manifest(name, spec)
 
 
 @pytest.fixture(scope="module")

@@ -213,6 +213,24 @@ class Kube:
         )
 
 
+def distillation_manifest(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A Distillation whose models, prompts and output are on ``pvc://`` claims (the tests
+    write the artifacts a stage would under the operator's ``$DISTILL_PVC_ROOT``), with ``spec``
+    merged over those defaults."""
+    defaults: dict[str, Any] = {
+        "teacher": {"model": "pvc://models/teacher"},
+        "student": {"model": "pvc://models/student"},
+        "dataset": {"prompts": "pvc://data/prompts.jsonl"},
+        "output": f"pvc://artifacts/{name}",
+    }
+    return {
+        "apiVersion": "distillation.dev/v1alpha1",
+        "kind": "Distillation",
+        "metadata": {"name": name},
+        "spec": defaults | spec,
+    }
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

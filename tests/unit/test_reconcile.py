@@ -307,10 +307,10 @@ def test_the_retry_budget_survives_deleted_rayjobs() -> None:
 
 def test_a_succeeded_stage_stays_succeeded_when_its_rayjob_is_deleted() -> None:
     obj = body()
-    first = step(obj, []).create[0]
-    done = job_status(first, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
-    uri = first["metadata"]["annotations"]["distillation.dev/artifact"]
-    train = step(obj, [done], artifacts={uri: Artifact(manifest={"metrics": {}})}).create[0]
+    generate = step(obj, []).create[0]
+    artifact = {generate["metadata"]["annotations"]["distillation.dev/artifact"]: Artifact({})}
+    complete = job_status(generate, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    train = step(obj, [complete], artifacts=artifact).create[0]
     after = step(obj, [train], now=NOW + timedelta(hours=2))  # generate's RayJob is gone
     assert after.create == []
     assert obj["status"]["stages"][0]["state"] == "Succeeded"
@@ -364,3 +364,38 @@ def test_served_only_once_kserve_has_seen_the_current_spec() -> None:
     assert not inference_service_ready(updated)  # the old revision's Ready
     seen = {"metadata": {"generation": 3}, "status": ready | {"observedGeneration": 3}}
     assert inference_service_ready(seen)
+
+
+# ------------------------------------------------------- deadlines mean what they say
+
+
+def test_time_spent_suspended_does_not_count_toward_the_deadline() -> None:
+    obj = body(policy={"deadlineSeconds": 3600, "retries": 1, "backoffSeconds": 60})
+    running = job_status(step(obj, []).create[0], jobDeploymentStatus="Running")
+    obj["spec"]["policy"]["suspend"] = True
+    step(obj, [running], now=NOW + timedelta(minutes=30))  # 30 min of work, then 2 h held
+    obj["spec"]["policy"]["suspend"] = False
+    resumed = step(obj, [running], now=NOW + timedelta(minutes=150))
+    assert resumed.delete_rayjobs == []
+    assert resumed.requeue_after == pytest.approx(30 * 60)  # 30 min of working time left
+    assert obj["status"]["deadlineClock"]["suspendedSeconds"] == 2 * 3600
+    step(obj, [running], now=NOW + timedelta(minutes=181))
+    assert conditions(obj)["Stalled"]["reason"] == "DeadlineExceeded"
+
+
+def test_a_spec_edit_weeks_later_gets_the_whole_deadline() -> None:
+    """The deadline counts the current generation's work, not the first run's start."""
+    obj = body(policy={"deadlineSeconds": 3600})
+    generate = step(obj, []).create[0]
+    artifact = {generate["metadata"]["annotations"]["distillation.dev/artifact"]: Artifact({})}
+    complete = job_status(generate, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    step(obj, [complete], artifacts=artifact, now=NOW + timedelta(minutes=10))
+    obj["metadata"]["generation"] = 2
+    obj["spec"]["train"] = {"learningRate": "1e-5"}
+    weeks_later = NOW + timedelta(days=21)
+    edited = step(obj, [complete], now=weeks_later)
+    assert [c["metadata"]["labels"]["distillation.dev/stage"] for c in edited.create] == ["train"]
+    assert conditions(obj)["Ready"]["reason"] == "StageRunning"
+    assert edited.requeue_after == pytest.approx(3600)
+    step(obj, [complete], now=weeks_later + timedelta(minutes=61))
+    assert conditions(obj)["Stalled"]["reason"] == "DeadlineExceeded"
