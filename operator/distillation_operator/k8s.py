@@ -34,6 +34,9 @@ T = TypeVar("T")
 RAYJOB = ("ray.io", "v1", "rayjobs")
 INFERENCE_SERVICE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 KINDS = {"RayJob": RAYJOB, "InferenceService": INFERENCE_SERVICE}
+STRICT = "Strict"
+"""Every create and patch asks the API server to refuse unknown or duplicate fields: a misspelled
+field in a builder is an error the user sees (ChildWriteFailed), never silently dropped."""
 
 
 def load_config(connections: int = 32) -> None:
@@ -162,7 +165,7 @@ class Cluster:
         meta = obj["metadata"]
         try:
             created = self.custom.create_namespaced_custom_object(
-                group, version, meta["namespace"], plural, dict(obj)
+                group, version, meta["namespace"], plural, dict(obj), field_validation=STRICT
             )
             _wrote(f"create {obj['kind']}")
             return created if isinstance(created, dict) else None
@@ -200,6 +203,7 @@ class Cluster:
             plural,
             meta["name"],
             operations,
+            field_validation=STRICT,
             _content_type="application/json-patch+json",
         )
         _wrote(f"patch {obj['kind']}")
@@ -221,7 +225,13 @@ class Cluster:
         group, version, plural = RAYJOB
         updated = _missing_ok(
             lambda: self.custom.patch_namespaced_custom_object(
-                group, version, namespace, plural, name, {"spec": {"suspend": suspend}}
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                {"spec": {"suspend": suspend}},
+                field_validation=STRICT,
             )
         )
         _wrote("patch RayJob")
@@ -234,7 +244,7 @@ class Cluster:
         body = {"status": merge_patch(old, new)}
         _missing_ok(
             lambda: self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, VERSION, namespace, PLURAL, name, body
+                API_GROUP, VERSION, namespace, PLURAL, name, body, field_validation=STRICT
             )
         )
         _wrote("patch status")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from distillation_operator.k8s import Cluster, api_error_message
 from support.cluster import server_dry_run
 
 RAYJOB: dict[str, Any] = {
@@ -86,3 +90,19 @@ def test_a_wrong_inference_service_field_is_refused(api: Any, namespace: str) ->
     bad["spec"]["predictor"]["minReplicas"] = "one"
     errors = server_dry_run(api, bad, namespace)
     assert any("minReplicas" in e for e in errors), errors
+
+
+def test_the_operator_writes_strictly(api: Any, namespace: str) -> None:
+    """A misspelled field in a built child is refused by the API server, naming the field,
+    instead of being dropped (fieldValidation=Strict on every create and patch)."""
+    typo = copy.deepcopy(RAYJOB)
+    typo["metadata"] |= {"namespace": namespace, "name": "strict-generate-1"}
+    typo["spec"]["shutdownAfterJobFinish"] = True  # the real field ends in "Finishes"
+    with pytest.raises(ApiException) as refused:
+        Cluster(api).create(typo)
+    assert 'unknown field "spec.shutdownAfterJobFinish"' in api_error_message(refused.value)
+    fine = copy.deepcopy(RAYJOB)
+    fine["metadata"] |= {"namespace": namespace, "name": "strict-generate-2"}
+    created = Cluster(api).create(fine)
+    assert created is not None
+    assert created["spec"]["shutdownAfterJobFinishes"] is True
