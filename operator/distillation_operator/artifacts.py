@@ -18,7 +18,7 @@ def read_artifact(uri: str) -> Artifact:
     from distillation_runtime.storage import read_manifest
 
     try:
-        return Artifact(manifest=read_manifest(uri))
+        return Artifact(manifest=read_manifest(uri, quick=True))
     except Exception as err:
         return Artifact(error=f"{type(err).__name__}: {err}"[:500])
 

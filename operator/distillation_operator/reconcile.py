@@ -318,10 +318,25 @@ def running_message(job: str, attempt: int, deployment: str) -> str:
     return f"{job} (attempt {attempt}): {deployment or 'created'}"
 
 
+def success_message(record: StageStatus, artifact: Artifact | None) -> str:
+    """How a stage succeeded, and why its metrics are missing if the operator cannot read them
+    (no access to the store, say): the person fixing it reads the store's own error here."""
+    done = (
+        f"{record.ray_job} succeeded"
+        if record.ray_job
+        else f"reused complete artifact {record.artifact}"
+    )
+    if record.metrics is None and artifact is not None and artifact.error:
+        return f"{done}; the operator cannot read its manifest: {artifact.error}"
+    return done
+
+
 def keep_recorded(d: Decision, view: StageView, record: StageStatus) -> None:
     """Succeeded before: keep it; fill in metrics an earlier read could not get."""
-    if record.metrics is None and view.artifact is not None and view.artifact.complete:
-        record.metrics = report.metric_strings(view.artifact.metrics)
+    if record.metrics is None and view.artifact is not None:
+        if view.artifact.complete:
+            record.metrics = report.metric_strings(view.artifact.metrics)
+        record.message = success_message(record, view.artifact)
 
 
 def record_success(d: Decision, view: StageView, record: StageStatus) -> None:
@@ -331,16 +346,13 @@ def record_success(d: Decision, view: StageView, record: StageStatus) -> None:
     record.state = StageState.SUCCEEDED
     record.completion_time = (latest.end if latest and latest.end else None) or d.now
     record.start_time = record.start_time or (latest.start if latest else None) or d.now
-    record.message = (
-        f"{latest.name} succeeded"
-        if latest is not None
-        else f"reused complete artifact {record.artifact}"
-    )
+    record.ray_job = latest.name if latest is not None else None
     if artifact is not None and artifact.complete:
         record.metrics = report.metric_strings(artifact.metrics)
     else:
         record.metrics = None
         d.actions.requeue(MANIFEST_RETRY_SECONDS)
+    record.message = success_message(record, artifact)
 
 
 def follow_active(d: Decision, view: StageView, record: StageStatus) -> None:

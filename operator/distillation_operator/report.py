@@ -173,6 +173,10 @@ def summarize(outcome: Outcome) -> Summary:
         return Summary(False, _first_active_reason(first.state), message, False)
     if outcome.gate is None:
         message = "the final evaluation's metrics could not be read yet"
+        unreadable = [s.message for s in outcome.stages if s.metrics is None and s.message]
+        reasons = [m for m in unreadable if "cannot read its manifest" in m]
+        if reasons:
+            message = f"{message}: {reasons[-1]}"
         return Summary(False, Reason.GATE_UNKNOWN, message, False)
     if outcome.gate != "true":
         return Summary(False, Reason.GATE_FAILED, "the student did not pass evaluate.gate", True)

@@ -163,12 +163,18 @@ def parse_uri(uri: str) -> Location:
 # --------------------------------------------------------------------------------------------
 
 
-def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+QUICK_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 10, "retries": {"max_attempts": 1}}
+"""botocore settings for a probe that must not hang (the operator reading manifests on its
+reconcile threads): an unreachable store is an error in seconds, not minutes."""
+
+
+def filesystem(uri: str, *, quick: bool = False) -> tuple[AbstractFileSystem, str]:
     """An fsspec file system for ``uri`` and the path to use with it.
 
     s3 reads its endpoint from ``AWS_ENDPOINT_URL`` (MinIO, Ceph, a test server) and credentials
     the usual boto way (env vars, config files, IRSA). Listings are not cached: another pod may
-    have written since, and a stale listing would hide a completion marker.
+    have written since, and a stale listing would hide a completion marker. ``quick``: short
+    timeouts and no retries (``QUICK_S3_CONFIG``), for probes.
     """
     location = parse_uri(uri)
     if location.is_local:
@@ -182,7 +188,14 @@ def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
         import s3fs  # type: ignore[import-untyped]
 
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint or None, use_listings_cache=False)
+        fs = s3fs.S3FileSystem(
+            endpoint_url=endpoint or None,
+            use_listings_cache=False,
+            skip_instance_cache=quick,
+            config_kwargs=QUICK_S3_CONFIG if quick else {},
+        )
+        if quick:
+            fs.retries = 1  # s3fs's own retry loop, on top of botocore's
         return fs, key
     if location.scheme == "gs":
         try:
@@ -414,9 +427,10 @@ def _publish_remote(uri: str, local_folder: Path, manifest: bytes) -> None:
     fs.pipe_file(f"{root}/{COMPLETION_MARKER}", (datetime.now(UTC).isoformat() + "\n").encode())
 
 
-def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of a complete artifact; an unfinished one is an error, not a half answer."""
-    fs, path = filesystem(uri)
+def read_manifest(uri: str, *, quick: bool = False) -> dict[str, Any]:
+    """The manifest of a complete artifact; an unfinished one is an error, not a half answer.
+    ``quick``: fail in seconds when the store does not answer (see ``filesystem``)."""
+    fs, path = filesystem(uri, quick=quick)
     if not fs.exists(f"{path}/{COMPLETION_MARKER}"):
         raise FileNotFoundError(
             f"artifact {uri} is not complete (no {COMPLETION_MARKER} marker): its stage has not "

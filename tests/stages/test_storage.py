@@ -416,3 +416,41 @@ def test_an_s3_model_is_downloaded_once(tmp_path, bucket) -> None:
 def test_a_missing_s3_model_names_the_uri(tmp_path, bucket) -> None:
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/nothing/here"):
         local_model(f"s3://{bucket}/nothing/here", tmp_path / "cache")
+
+
+def test_a_quick_probe_of_a_store_that_never_answers_fails_with_the_reason(monkeypatch):
+    """The operator reads manifests on its reconcile threads: a store that accepts connections
+    but never answers is an error naming the timeout, not a thread held for minutes."""
+    import socket
+    import threading
+
+    from distillation_operator.artifacts import read_artifact
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    try:
+        artifact = read_artifact("s3://silent/out/generate-0123456789ab")
+    finally:
+        stop.set()
+        for connection in held:
+            connection.close()
+        silent.close()
+    assert not artifact.complete
+    assert "timeout" in (artifact.error or "").lower(), artifact.error

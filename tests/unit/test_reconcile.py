@@ -399,3 +399,22 @@ def test_a_spec_edit_weeks_later_gets_the_whole_deadline() -> None:
     assert edited.requeue_after == pytest.approx(3600)
     step(obj, [complete], now=weeks_later + timedelta(minutes=61))
     assert conditions(obj)["Stalled"]["reason"] == "DeadlineExceeded"
+
+
+def test_a_manifest_the_operator_cannot_read_says_why_in_status() -> None:
+    """Without access to the store the stage still advances on KubeRay's word; the store's own
+    error is in the stage's message (and so in GateUnknown's), not only in the operator log."""
+    obj = body()
+    generate = step(obj, []).create[0]
+    complete = job_status(generate, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    uri = generate["metadata"]["annotations"]["distillation.dev/artifact"]
+    denied = {uri: Artifact(error="PermissionError: Access Denied (s3://b/out)")}
+    actions = step(obj, [complete], artifacts=denied)
+    record = obj["status"]["stages"][0]
+    assert record["state"] == "Succeeded"
+    assert "cannot read its manifest: PermissionError: Access Denied" in record["message"]
+    assert actions.requeue_after == pytest.approx(60.0)
+    step(obj, [complete], artifacts={uri: Artifact(manifest={"metrics": {"records": 3}})})
+    record = obj["status"]["stages"][0]
+    assert record["metrics"] == {"records": "3"}
+    assert record["message"] == "demo-generate-1 succeeded"
