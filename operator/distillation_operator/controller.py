@@ -55,9 +55,12 @@ def images_from_env(environ: Mapping[str, str]) -> Images:
 
 
 def child_signature(child: Mapping[str, Any]) -> tuple[str, ...]:
-    """The parts of a child that reconcile reads (status and suspend), as a comparable tuple."""
+    """The parts of a child that reconcile reads (status, suspend, and the generations that
+    tell whether KServe has seen our latest spec), as a comparable tuple."""
     status, spec = child.get("status") or {}, child.get("spec") or {}
     return (
+        str(child.get("metadata", {}).get("generation", "")),
+        str(status.get("observedGeneration", "")),
         str(status.get("jobDeploymentStatus", "")),
         str(status.get("jobStatus", "")),
         str(status.get("reason", "")),
@@ -89,8 +92,24 @@ class Controller:
     seen: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """What the last reconcile knew of each child ("ns/name" -> child_signature)."""
     children: ChildCache = field(default_factory=ChildCache)
+    generations: dict[Key, int] = field(default_factory=dict)
+    """The spec generation each Distillation's events last triggered a reconcile for."""
     apis: tuple[float, frozenset[str]] | None = None
     """(when looked up, the served group/versions)."""
+
+    def spec_news(self, body: Mapping[str, Any]) -> bool:
+        """Whether a Distillation's event can change a decision: first seen (created, or listed
+        at start-up), its spec's generation moved, or it is being deleted. The events of our
+        own status writes are not (their generation is the one just reconciled)."""
+        meta = body.get("metadata", {})
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        generation = int(meta.get("generation") or 0)
+        if meta.get("deletionTimestamp"):
+            return False  # garbage collection takes the children; nothing to decide
+        if self.generations.get(key) == generation:
+            return False
+        self.generations[key] = generation
+        return True
 
     def news(self, child: Mapping[str, Any]) -> bool:
         """Whether a child's event can change a decision (its status or suspend moved since the
@@ -145,6 +164,7 @@ class Controller:
         self._schedule(key, None)
         self.phases.pop(key, None)
         self.locks.pop(key, None)
+        self.generations.pop(key, None)
         self._update_gauges()
 
     def reconcile_now(self, namespace: str, name: str) -> float | None:

@@ -3,8 +3,8 @@
 Run with ``kopf run --standalone -m distillation_operator.handlers --all-namespaces`` (the Helm
 chart does). Every handler ends in the same level-based reconcile (``controller.py``):
 Distillations created, edited or found at start-up, and status changes of the RayJobs and
-InferenceServices they own (watched by label). kopf's progress and diff-base live in annotations;
-``status`` is the Distillation's API and only the reconcile writes it.
+InferenceServices they own (watched by label). All are raw event handlers, so kopf writes nothing
+into any object; ``status`` is the Distillation's API and only the reconcile writes it.
 """
 
 from __future__ import annotations
@@ -72,20 +72,22 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         log.info("metrics on :%s/metrics", port)
 
 
-@kopf.on.create(API_GROUP, VERSION, PLURAL)
-@kopf.on.update(API_GROUP, VERSION, PLURAL, field="spec")
-@kopf.on.resume(API_GROUP, VERSION, PLURAL)
-async def distillation_changed(namespace: str | None, name: str, **_: Any) -> None:
-    """Created, spec edited, or found at start-up: reconcile."""
-    await controller().reconcile(namespace or "", name)
-
-
 @kopf.on.event(API_GROUP, VERSION, PLURAL)
-async def distillation_event(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
-    """Gone from the API: forget its timers and gauges. (Its children go by ownerReferences, so
-    the operator needs no finalizer and never blocks a deletion.)"""
+async def distillation_event(
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
+    """Created, spec edited, or found at start-up: reconcile. Gone: forget its timers and
+    gauges (its children go by ownerReferences, so no finalizer ever blocks a deletion).
+
+    Only raw events, no create/update handlers: kopf then writes nothing into the object (no
+    diff-base annotation, no finalizer), one API write less per Distillation. Reconcile is
+    level-based, so what counts is whether the spec's generation is one it has not seen; our
+    own status writes (same generation) are not news."""
     if type == "DELETED":
         controller().forget(namespace or "", name)
+        return
+    if controller().spec_news(body):
+        await controller().reconcile(namespace or "", name)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)

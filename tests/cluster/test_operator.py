@@ -198,9 +198,10 @@ def test_happy_path_every_stage_then_served(
     assert final["metrics"]["gatePassed"] == "true"
     assert final["metrics"]["parameterRatio"] == "4"
     modelled = set(DistillationStatus.model_json_schema(by_alias=True)["properties"])
-    assert set(final) <= modelled  # kopf keeps its bookkeeping out of status ...
-    annotations = kube.distillation(name)["metadata"]["annotations"]
-    assert "distillation.dev/last-handled-configuration" in annotations  # ... in annotations
+    assert set(final) <= modelled  # only the modelled fields in status ...
+    meta = kube.distillation(name)["metadata"]
+    assert not any(k.startswith("distillation.dev/") for k in meta.get("annotations") or {})
+    assert not meta.get("finalizers")  # ... and no kopf bookkeeping on the object at all
     assert final["metrics"]["scheme"] == "W4A16"
     conditions = {c["type"]: c for c in final["conditions"]}
     for type_ in (

@@ -71,6 +71,11 @@ def stalled_reason(kube: Kube, name: str) -> tuple[str, str] | None:
     return (found["reason"], found["message"]) if found and found["status"] == "True" else None
 
 
+def ready_reason(kube: Kube, name: str) -> str | None:
+    found = kube.condition(name, "Ready")
+    return str(found["reason"]) if found else None
+
+
 def jobs_of(kube: Kube, name: str) -> list[str]:
     return [
         j["metadata"]["name"]
@@ -88,7 +93,7 @@ def test_serving_and_queueing_wait_for_their_apis_and_resume_once_installed(
 
     # Without serve or a queue, the stages run: KServe is optional.
     wait_for("the plain Distillation's first RayJob", lambda: jobs_of(kube, "plain"))
-    assert kube.condition("plain", "Ready")["reason"] == "StageRunning"  # type: ignore[index]
+    wait_for("plain to be running", lambda: ready_reason(kube, "plain") == "StageRunning")
 
     reason, message = wait_for("served to stall", lambda: stalled_reason(kube, "served"))
     assert reason == "MissingAPI"
