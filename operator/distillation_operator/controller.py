@@ -99,13 +99,14 @@ class Controller:
 
     def spec_news(self, body: Mapping[str, Any]) -> bool:
         """Whether a Distillation's event can change a decision: first seen (created, or listed
-        at start-up), its spec's generation moved, or it is being deleted. The events of our
-        own status writes are not (their generation is the one just reconciled)."""
+        at start-up) or its spec's generation moved. Not the events of our own status writes
+        (their generation is the one just reconciled), nor of a deletion under way (garbage
+        collection takes the children)."""
         meta = body.get("metadata", {})
         key = (str(meta.get("namespace")), str(meta.get("name")))
         generation = int(meta.get("generation") or 0)
         if meta.get("deletionTimestamp"):
-            return False  # garbage collection takes the children; nothing to decide
+            return False
         if self.generations.get(key) == generation:
             return False
         self.generations[key] = generation
@@ -256,9 +257,9 @@ class Controller:
         old = DistillationStatus.model_validate(body.get("status") or {})
         decided = DistillationStatus.model_validate(actions.status)
         status = report.after_failed_writes(decided, failures, datetime.now(UTC))
-        actions.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         replaced = [e for e in actions.events if e.reason == EventReason.STAGE_REPLACED]
-        actions.events = [*replaced, *report.events(old, status)]
+        actions.events = replaced
+        report.write_status(actions, old, status)
         actions.requeue(WRITE_RETRY_SECONDS)
 
     def _record(

@@ -51,10 +51,6 @@ from distillation_runtime.plan import Plan, Stage, make_plan
 from distillation_runtime.stages import MODEL_DIR, ImageKind, Role
 
 __all__ = [
-    "Actions",
-    "Artifact",
-    "Event",
-    "Observed",
     "Understanding",
     "artifacts_to_probe",
     "feasibility_problems",
@@ -112,12 +108,10 @@ class SpecProblem:
     message: str
 
 
-def feasibility_problems(spec: DistillationSpec) -> list[str]:
+def feasibility_problems(spec: DistillationSpec, plan: Plan) -> list[str]:
     """What the schema allows but no cluster can run (reported, never retried)."""
     problems = []
-    quantize_image = [
-        s.name for s in make_plan(spec).stages if s.definition.image is ImageKind.QUANTIZE
-    ]
+    quantize_image = [s.name for s in plan.stages if s.definition.image is ImageKind.QUANTIZE]
     if spec.placement.cluster_selector and quantize_image:
         problems.append(
             f"spec.quantize needs the quantize image (stages {', '.join(quantize_image)}: "
@@ -155,7 +149,7 @@ def understand(
     try:
         spec = DistillationSpec.model_validate(body.get("spec") or {})
         plan = make_plan(spec.pipeline())
-        problems = feasibility_problems(spec)
+        problems = feasibility_problems(spec, plan)
         if problems:
             raise ValueError("; ".join(problems))
     except (ValidationError, ValueError) as err:
@@ -327,7 +321,7 @@ def success_message(record: StageStatus, artifact: Artifact | None) -> str:
         else f"reused complete artifact {record.artifact}"
     )
     if record.metrics is None and artifact is not None and artifact.error:
-        return f"{done}; the operator cannot read its manifest: {artifact.error}"
+        return f"{done}; {report.UNREADABLE_MANIFEST}: {artifact.error}"
     return done
 
 
@@ -382,7 +376,6 @@ def hold_active(d: Decision, job: Job, record: StageStatus) -> None:
     that runs on an existing RayCluster (clusterSelector), so those are stopped instead."""
     if job.kueue or d.spec.placement.cluster_selector:
         d.actions.stop(job.name)
-        record.attempts = max(record.attempts, job.attempt)
     elif not job.suspend:
         d.actions.suspend_rayjobs[job.name] = True
     record.state = StageState.SUSPENDED
@@ -683,14 +676,14 @@ def missing_apis(spec: DistillationSpec, served: frozenset[str] | None) -> list[
 
 def wait_for_apis(observed: Observed, understood: Understanding, missing: list[str]) -> Actions:
     """The spec needs APIs the cluster lacks: start nothing (stages already running go on),
-    say which and what to do (Stalled, MissingAPI), and look again every minute."""
-    actions = Actions()
+    say which and what to do (Stalled, MissingAPI), and look again every
+    ``MISSING_API_POLL_SECONDS``."""
     old = understood.old
     status = report.blocked_status(
         old, understood.generation, observed.now, Reason.MISSING_API, "; ".join(missing)
     )
-    actions.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    actions.events.extend(report.events(old, status))
+    actions = Actions()
+    report.write_status(actions, old, status)
     actions.requeue(MISSING_API_POLL_SECONDS)
     return actions
 
@@ -700,8 +693,7 @@ def reject(observed: Observed, problem: SpecProblem) -> Actions:
     (they belong to a spec that no longer exists)."""
     actions = Actions(delete_rayjobs=[j.name for j in problem.jobs if not j.finished])
     status = report.invalid_status(problem.old, problem.generation, observed.now, problem.message)
-    actions.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    actions.events.extend(report.events(problem.old, status))
+    report.write_status(actions, problem.old, status)
     return actions
 
 
@@ -754,7 +746,5 @@ def reconcile(
     )
     if finished and gate is None:
         d.actions.requeue(MANIFEST_RETRY_SECONDS)
-    status = report.status(outcome)
-    d.actions.status = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-    d.actions.events.extend(report.events(understood.old, status))
+    report.write_status(d.actions, understood.old, report.status(outcome))
     return d.actions

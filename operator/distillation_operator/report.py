@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from distillation_operator.actions import Event, WriteFailure
+from distillation_operator.actions import Actions, Event, WriteFailure
 from distillation_operator.api import (
     CONDITION_READY,
     CONDITION_RECONCILING,
@@ -36,6 +36,9 @@ from distillation_operator.api import (
 from distillation_operator.observed import MESSAGE_LIMIT
 from distillation_runtime.plan import Plan
 from distillation_runtime.stages import Role
+
+UNREADABLE_MANIFEST = "the operator cannot read its manifest"
+"""How a succeeded stage's message says why its metrics are missing (GateUnknown repeats it)."""
 
 STAGE_EVENTS: dict[StageState, tuple[str, EventReason]] = {
     StageState.RUNNING: ("Normal", EventReason.STAGE_STARTED),
@@ -174,7 +177,7 @@ def summarize(outcome: Outcome) -> Summary:
     if outcome.gate is None:
         message = "the final evaluation's metrics could not be read yet"
         unreadable = [s.message for s in outcome.stages if s.metrics is None and s.message]
-        reasons = [m for m in unreadable if "cannot read its manifest" in m]
+        reasons = [m for m in unreadable if UNREADABLE_MANIFEST in m]
         if reasons:
             message = f"{message}: {reasons[-1]}"
         return Summary(False, Reason.GATE_UNKNOWN, message, False)
@@ -206,23 +209,25 @@ def phase(outcome: Outcome, summary: Summary) -> Phase:
 class Conditions:
     """The conditions being written; ``lastTransitionTime`` moves only when a status changes."""
 
-    def __init__(self, old: DistillationStatus, generation: int, now: datetime) -> None:
+    def __init__(
+        self, old: DistillationStatus, generation: int, now: datetime, *, keep: bool = False
+    ) -> None:
+        """``keep``: start from the old conditions (amend them) rather than from none."""
         self.old = {c.type: c for c in old.conditions or []}
-        self.new: dict[str, Condition] = {}
+        self.new: dict[str, Condition] = dict(self.old) if keep else {}
         self.generation, self.now = generation, now
 
     def put(self, type_: str, ok: bool, reason: str, message: str) -> None:
         status = ConditionStatus.TRUE if ok else ConditionStatus.FALSE
         previous = self.old.get(type_)
-        moved = previous is None or previous.status != status
+        unchanged = previous is not None and previous.status == status
+        since = previous.last_transition_time if previous is not None and unchanged else self.now
         self.new[type_] = Condition(
             type=type_,
             status=status,
             reason=reason,
             message=message[:MESSAGE_LIMIT],
-            last_transition_time=self.now
-            if moved or previous is None
-            else previous.last_transition_time,
+            last_transition_time=since,
             observed_generation=self.generation,
         )
 
@@ -343,8 +348,7 @@ def after_failed_writes(
             waiting.append(record)
     message = "; ".join(f.describe() for f in failures)[:MESSAGE_LIMIT]
     stalled = not all(f.transient for f in failures)
-    written = Conditions(status, status.observed_generation or 0, now)
-    written.new = {c.type: c for c in status.conditions or []}
+    written = Conditions(status, status.observed_generation or 0, now, keep=True)
     reason = Reason.CHILD_WRITE_FAILED
     written.put(CONDITION_READY, False, reason, message)
     written.put(CONDITION_RECONCILING, not stalled, reason, "" if stalled else message)
@@ -353,6 +357,17 @@ def after_failed_writes(
         written.put(stage_condition(record.name), False, record.state.value, record.message or "")
     new.conditions = written.listed()
     return new
+
+
+def as_data(status: DistillationStatus) -> dict[str, Any]:
+    """A status as the JSON the API server stores (camelCase, no nulls)."""
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def write_status(actions: Actions, old: DistillationStatus, new: DistillationStatus) -> None:
+    """Put ``new`` into ``actions``, with the Events of what changed since ``old``."""
+    actions.status = as_data(new)
+    actions.events.extend(events(old, new))
 
 
 def _stage_moved(before: StageStatus | None, after: StageStatus) -> bool:
