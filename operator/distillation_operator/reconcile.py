@@ -21,7 +21,7 @@ is spent.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -45,10 +45,16 @@ from distillation_operator.builders.inference_service import (
     INFERENCE_SERVICE_API,
     build_inference_service,
 )
-from distillation_operator.builders.rayjob import KUEUE_GROUP, RAYJOB_API, build_rayjob
+from distillation_operator.builders.rayjob import (
+    KUEUE_GROUP,
+    RAYJOB_API,
+    build_rayjob,
+    stage_workers,
+)
 from distillation_operator.observed import MESSAGE_LIMIT, Artifact, Job, Observed, parse_jobs
 from distillation_runtime.plan import Plan, Stage, make_plan
-from distillation_runtime.stages import MODEL_DIR, ImageKind, Role
+from distillation_runtime.spec import GenerateBackend
+from distillation_runtime.stages import MODEL_DIR, ImageKind, Role, spec_problems
 
 __all__ = [
     "Understanding",
@@ -119,6 +125,14 @@ def feasibility_problems(spec: DistillationSpec, plan: Plan) -> list[str]:
             "clusterSelector runs every stage on one existing RayCluster: remove quantize or "
             "clusterSelector"
         )
+    generate_gpus = stage_workers(spec, "generate").gpus or 0
+    if spec.generate.backend is GenerateBackend.VLLM and generate_gpus == 0:
+        problems.append(
+            "spec.generate.backend is vllm but the generate stage's pods have no GPUs "
+            "(placement.stages.generate.gpus, else placement.workers.gpus, is 0): vLLM runs on "
+            "GPUs only; give the generate stage GPUs, or set generate.backend to transformers "
+            "or auto"
+        )
     if spec.serve is not None and spec.serve.gpus == 0 and spec.quantize is not None:
         scheme = spec.quantize.scheme.value
         problems.append(
@@ -183,6 +197,9 @@ class Situation(StrEnum):
     """It could start, but spec.policy.suspend holds it."""
     START = "start"
     """No RayJob yet and its inputs are done: the first attempt starts."""
+    UNNEEDED = "unneeded"
+    """A ``first`` stage (the preflight) whose every other stage is already done: nothing left
+    to check for (a pipeline finished before the operator had a preflight)."""
 
 
 PROBED = frozenset({Situation.SUCCEEDED, Situation.HELD, Situation.START})
@@ -200,6 +217,13 @@ class StageView:
     jobs: list[Job]
     artifact: Artifact | None
     waiting_for: list[str]
+    guards_done: bool = False
+    """For a ``first`` stage: every stage it guards is already recorded done."""
+
+    @property
+    def refused(self) -> list[str]:
+        """Why its artifact says the spec cannot run (the preflight's findings)."""
+        return spec_problems(self.artifact.metrics) if self.artifact is not None else []
 
     @property
     def latest(self) -> Job | None:
@@ -271,6 +295,8 @@ def classify(view: StageView, spec: DistillationSpec, now: datetime) -> Situatio
     reusable = artifact is not None and artifact.complete
     if view.previous is not None and view.previous.state is StageState.SUCCEEDED:
         return Situation.RECORDED
+    if view.guards_done and newest is None and not reusable:
+        return Situation.UNNEEDED
     if newest is not None and newest.succeeded:
         return Situation.SUCCEEDED
     if reusable and not view.last_failed:
@@ -296,6 +322,8 @@ class Decision:
     observed: Observed
     images: Images
     actions: Actions
+    refused: list[str] = field(default_factory=list)
+    """Why a stage found the spec cannot run (the preflight): the Distillation's InvalidSpec."""
 
     @property
     def spec(self) -> DistillationSpec:
@@ -347,6 +375,24 @@ def record_success(d: Decision, view: StageView, record: StageStatus) -> None:
         record.metrics = None
         d.actions.requeue(MANIFEST_RETRY_SECONDS)
     record.message = success_message(record, artifact)
+    if view.refused:
+        record.state = StageState.FAILED
+        record.message = (f"{SPEC_REFUSED}: " + "; ".join(view.refused))[:MESSAGE_LIMIT]
+        d.refused.append(record.message)
+    elif view.stage.definition.first and record.metrics is None:
+        # its verdict is in the manifest: nothing it guards starts before it is read
+        record.state = StageState.RUNNING
+        record.message += "; the stages after it wait until its result is read"
+
+
+SPEC_REFUSED = "the spec cannot run with these models and data"
+
+
+def skip_unneeded(d: Decision, view: StageView, record: StageStatus) -> None:
+    """Nothing left to check for: Succeeded without a RayJob."""
+    record.state = StageState.SUCCEEDED
+    record.completion_time = record.start_time = d.now
+    record.message = "not run: every stage after it was already done"
 
 
 def follow_active(d: Decision, view: StageView, record: StageStatus) -> None:
@@ -465,6 +511,7 @@ TRANSITIONS: dict[Situation, Transition] = {
     Situation.RETRY: start_attempt,
     Situation.HELD: hold_new,
     Situation.START: start_attempt,
+    Situation.UNNEEDED: skip_unneeded,
 }
 
 
@@ -472,12 +519,18 @@ def stage_view(
     understood: Understanding, stage: Stage, artifacts: Mapping[str, Artifact], done: set[str]
 ) -> StageView:
     """What is known of ``stage``, with ``done`` the stages that count as succeeded."""
+    guards_done = False
+    if stage.definition.first:
+        recorded = recorded_done(understood)
+        guarded = [s.name for s in understood.plan.stages if stage.name in s.after]
+        guards_done = all(name in recorded for name in guarded)
     return StageView(
         stage=stage,
         previous=understood.record(stage),
         jobs=understood.jobs_of(stage),
         artifact=artifacts.get(understood.plan.artifact(stage.name)),
-        waiting_for=[i for i in stage.inputs if i not in done],
+        waiting_for=[i for i in stage.waits_for if i not in done],
+        guards_done=guards_done,
     )
 
 
@@ -746,5 +799,8 @@ def reconcile(
     )
     if finished and gate is None:
         d.actions.requeue(MANIFEST_RETRY_SECONDS)
-    report.write_status(d.actions, understood.old, report.status(outcome))
+    status = report.status(outcome)
+    if d.refused:
+        status = report.invalid_status(status, understood.generation, observed.now, d.refused[0])
+    report.write_status(d.actions, understood.old, status)
     return d.actions

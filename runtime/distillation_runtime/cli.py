@@ -84,7 +84,11 @@ def run_all(path: Path) -> int:
     spec = _load(path)
     if spec is None:
         return 2
-    outcomes = Runner(spec).run()
+    try:
+        outcomes = Runner(spec).run()
+    except SpecError as err:
+        print(f"{path}: {err}", file=sys.stderr)
+        return 2
     print(results_table(outcomes))
     return 0
 
@@ -105,9 +109,11 @@ def parse_artifacts(pairs: list[str]) -> dict[str, str] | None:
 def run_one(
     name: str, path: Path | None, variable: str | None = None, artifacts: list[str] | None = None
 ) -> int:
-    """Run one stage (what the operator's RayJob runs); its inputs must be complete. Artifact
-    URIs given with ``--artifact`` win over this runtime's plan (the operator planned them)."""
+    """Run one stage (what the operator's RayJob runs); its inputs must be complete, and a
+    preflight that ran must not have refused the spec. Artifact URIs given with ``--artifact``
+    win over this runtime's plan (the operator planned them)."""
     from distillation_runtime.pipeline import Runner
+    from distillation_runtime.stages import spec_problems
     from distillation_runtime.storage import artifact_complete
 
     spec = _load(path) if path is not None else _load_env(variable or "")
@@ -126,6 +132,11 @@ def run_one(
             f"distill stage {name}: inputs not complete yet: {', '.join(missing)}", file=sys.stderr
         )
         return 3
+    checked = [i for i in stage.after if artifact_complete(runner.artifact(i))]
+    refused = [p for i in checked for p in spec_problems(runner.metrics(i))]
+    if refused:
+        print(f"distill stage {name}: {SpecError(refused)}", file=sys.stderr)
+        return 2
     if artifact_complete(runner.artifact(stage.name)):
         print(f"{name}: already complete at {runner.artifact(stage.name)}")
         return 0

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from distillation_runtime.plan import Plan, Stage, make_plan
-from distillation_runtime.spec import PipelineSpec
-from distillation_runtime.stages import definition
+from distillation_runtime.spec import PipelineSpec, SpecError
+from distillation_runtime.stages import definition, spec_problems
 from distillation_runtime.stages.base import resolve
 
 
@@ -81,6 +81,8 @@ class Runner:
                 resolve(requirement)()
 
     def run(self) -> list[StageOutcome]:
+        """Every stage in plan order, complete ones reused; a ``SpecError`` as soon as a stage
+        (the preflight) finds the spec cannot run with these models and data."""
         from distillation_runtime.storage import artifact_complete
 
         pending = [s.name for s in self.plan.stages if not artifact_complete(self.artifact(s.name))]
@@ -90,16 +92,22 @@ class Runner:
             uri = self.artifact(stage.name)
             if artifact_complete(uri):
                 self.log(f"{stage.name}: complete, reused ({uri})")
-                outcomes.append(StageOutcome(stage.name, "reused", uri, 0.0, self._metrics(uri)))
-                continue
-            self.log(f"{stage.name}: running -> {uri}")
-            outcomes.append(self.run_stage(stage))
+                outcomes.append(
+                    StageOutcome(stage.name, "reused", uri, 0.0, self.metrics(stage.name))
+                )
+            else:
+                self.log(f"{stage.name}: running -> {uri}")
+                outcomes.append(self.run_stage(stage))
+            refused = spec_problems(outcomes[-1].metrics)
+            if refused:
+                raise SpecError(refused)
         return outcomes
 
-    def _metrics(self, uri: str) -> dict[str, Any]:
+    def metrics(self, name: str) -> dict[str, Any]:
+        """The metrics in the manifest of stage ``name``'s complete artifact."""
         from distillation_runtime.storage import read_manifest
 
-        return dict(read_manifest(uri).get("metrics", {}))
+        return dict(read_manifest(self.artifact(name)).get("metrics", {}))
 
     def run_stage(self, stage: Stage) -> StageOutcome:
         """Run one stage in a staging folder and publish it as its artifact (manifest, then the

@@ -36,6 +36,13 @@ class Stage:
     inputs: tuple[str, ...]
     fingerprint: str
     definition: StageDefinition
+    after: tuple[str, ...] = ()
+    """Stages it waits for without reading them (the table's ``first`` stages)."""
+
+    @property
+    def waits_for(self) -> tuple[str, ...]:
+        """Every stage that must be done before this one starts."""
+        return self.after + self.inputs
 
     def artifact(self, output: str) -> str:
         """Where this stage writes: ``<output>/<stage>-<fingerprint>``."""
@@ -88,14 +95,17 @@ def make_plan(spec: PipelineSpec) -> Plan:
     fingerprints."""
     fingerprints: dict[str, str] = {}
     stages = []
-    for entry in planned(spec):
+    entries = planned(spec)
+    firsts = tuple(entry.name for entry in entries if entry.first)
+    for entry in entries:
         config, inputs = entry.fingerprint(spec), entry.inputs(spec)
         missing = [i for i in inputs if i not in fingerprints]
         if missing:
             raise ValueError(f"stage {entry.name} reads {missing}, which this spec does not plan")
         upstream = [fingerprints[i] for i in inputs]
         fingerprints[entry.name] = fingerprint(entry.name, config, upstream, entry.format_version)
-        stages.append(Stage(entry.name, config, inputs, fingerprints[entry.name], entry))
+        after = () if entry.first else firsts
+        stages.append(Stage(entry.name, config, inputs, fingerprints[entry.name], entry, after))
     return Plan(tuple(stages), spec.output)
 
 

@@ -217,6 +217,14 @@ def explicit_target(
         target = replace(
             target, heads=num_attention_heads, kv_heads=num_attention_heads // per_group
         )
+    if target.hidden % target.heads:
+        nearest = _round_down(target.hidden, target.heads)
+        raise PruneError(
+            f"student.prune: hidden size {target.hidden} is not a multiple of the "
+            f"{target.heads} attention heads, which transformers requires: set "
+            f"hiddenSize to a multiple of {target.heads} (e.g. {nearest}) or change "
+            "numAttentionHeads"
+        )
     return target
 
 
@@ -240,7 +248,8 @@ def _widest(
     """The widest shape with ``layers`` layers under ``budget``: hidden and MLP shrink by one
     factor (heads kept, as Minitron found head pruning hurts most), then the MLP grows back in
     aligned steps to use what is left of the budget."""
-    h_step, i_step = _align(teacher.hidden), _align(teacher.intermediate)
+    # transformers refuses a hidden size that is not a multiple of the attention heads
+    h_step, i_step = math.lcm(_align(teacher.hidden), teacher.heads), _align(teacher.intermediate)
     best: Shape | None = None
     for step in range(1000, 0, -1):
         factor = step / 1000

@@ -245,8 +245,27 @@ def local_model(uri: str, cache_dir: Path) -> Path:
     return _download_prefix(uri, cache_dir)
 
 
-def _hf_snapshot(location: Location, cache_dir: Path) -> Path:
-    """Thin wrapper over ``snapshot_download`` that names the repo when it fails."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+"""Files that hold weights: what a metadata fetch leaves behind."""
+METADATA_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+"""What a metadata fetch from the hub takes: config, tokenizer and chat template files."""
+
+
+def model_metadata(uri: str, cache_dir: Path) -> Path:
+    """A local folder with the model's config and tokenizer but not its weights: what a check
+    of shapes and vocabularies needs, in seconds even for a 70B model. Local and pvc:// folders
+    are used in place (nothing to save)."""
+    location = parse_uri(uri)
+    if location.is_local:
+        return local_model(uri, cache_dir)
+    if location.scheme == "hf":
+        return _hf_snapshot(location, cache_dir, patterns=METADATA_PATTERNS)
+    return _download_prefix(uri, cache_dir, metadata_only=True)
+
+
+def _hf_snapshot(location: Location, cache_dir: Path, patterns: list[str] | None = None) -> Path:
+    """Thin wrapper over ``snapshot_download`` (only files matching ``patterns`` when given)
+    that names the repo when it fails."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         LocalEntryNotFoundError,
@@ -260,6 +279,7 @@ def _hf_snapshot(location: Location, cache_dir: Path) -> Path:
             revision=location.revision,
             token=os.environ.get("HF_TOKEN"),
             cache_dir=cache_dir,
+            allow_patterns=patterns,
         )
     except RevisionNotFoundError as err:
         raise FileNotFoundError(
@@ -280,13 +300,18 @@ def _hf_snapshot(location: Location, cache_dir: Path) -> Path:
     return Path(folder)
 
 
-def _download_prefix(uri: str, cache_dir: Path) -> Path:
-    """Download an object-store prefix once; the rename into place is the commit point."""
-    dest = cache_dir / _uri_hash(uri)
+def _download_prefix(uri: str, cache_dir: Path, *, metadata_only: bool = False) -> Path:
+    """Download an object-store prefix once (only its small files with ``metadata_only``); the
+    rename into place is the commit point."""
+    dest = cache_dir / (_uri_hash(uri) + ("-metadata" if metadata_only else ""))
     if (dest / COMPLETION_MARKER).exists():
         return dest
     fs, root = filesystem(uri)
-    remotes = sorted(p for p in fs.find(root) if not p.endswith("/"))
+    remotes = sorted(
+        p
+        for p in fs.find(root)
+        if not p.endswith("/") and not (metadata_only and p.endswith(WEIGHT_SUFFIXES))
+    )
     if not remotes:
         raise FileNotFoundError(
             f"model {uri}: no files under that prefix; check the bucket and path "

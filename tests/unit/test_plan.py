@@ -30,8 +30,9 @@ def plan_of(patch: dict[str, Any] | None = None) -> Any:
 
 def test_minimal_graph() -> None:
     plan = plan_of()
-    assert plan.names == ["generate", "train", "evaluate"]
+    assert plan.names == ["preflight", "generate", "train", "evaluate"]
     assert plan["train"].inputs == ("generate",)
+    assert plan["train"].after == ("preflight",)  # waits for it, without reading it
     assert plan.artifact("train") == f"./out/train-{plan['train'].fingerprint}"
 
 
@@ -40,6 +41,7 @@ def test_prune_and_quantize_add_their_stages() -> None:
         {"student": {"model": None, "prune": {"numLayers": 4}}, "quantize": {"scheme": "W4A16"}}
     )
     assert plan.names == [
+        "preflight",
         "prune",
         "generate",
         "train",
@@ -72,7 +74,10 @@ def test_prune_and_quantize_add_their_stages() -> None:
     ],
 )
 def test_an_edit_reruns_exactly_what_it_can_change(edit: dict[str, Any], rerun: list[str]) -> None:
-    assert changed_stages(plan_of(), plan_of(edit)) == rerun
+    # the preflight re-checks what reads models and data; nothing else depends on it
+    changed = changed_stages(plan_of(), plan_of(edit))
+    checked = ("dataset", "teacher", "student", "quantize")
+    assert changed == (["preflight"] if set(edit) & set(checked) else []) + rerun
 
 
 def test_the_teacher_matters_to_train_only_when_it_runs_live() -> None:
@@ -86,7 +91,7 @@ def test_the_teacher_matters_to_train_only_when_it_runs_live() -> None:
 
 def test_adding_a_quantize_stage_keeps_the_others() -> None:
     changed = changed_stages(plan_of(), plan_of({"quantize": {"scheme": "FP8_DYNAMIC"}}))
-    assert changed == ["quantize", "evaluate-quantized"]
+    assert changed == ["preflight", "quantize", "evaluate-quantized"]
 
 
 EVERY_STAGE = {
@@ -111,7 +116,10 @@ def test_an_upgrade_plans_the_same_fingerprints(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(distillation_runtime, "__version__", "99.0.0")
     plan = plan_of(EVERY_STAGE)
-    assert {s.name: s.fingerprint for s in plan.stages} == RELEASED_FINGERPRINTS
+    # the preflight came after the release: it is new, and it moved no other fingerprint
+    assert {s.name: s.fingerprint for s in plan.stages if s.name != "preflight"} == (
+        RELEASED_FINGERPRINTS
+    )
 
 
 def test_a_format_version_bump_reruns_that_stage_and_what_reads_it(

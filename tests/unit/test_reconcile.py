@@ -27,13 +27,17 @@ from distillation_operator.reconcile import (
 from distillation_runtime.cli import main as distill
 from distillation_runtime.plan import make_plan
 from distillation_runtime.spec import load_pipeline_spec
+from support.statuses import preflight_passed
 
 IMAGES = Images("reg/runtime:1", "reg/quantize:1", "reg/vllm:1")
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-def body(name: str = "demo", status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+def body(
+    name: str = "demo", status: dict[str, Any] | None = None, *, fresh: bool = False, **spec: Any
+) -> dict[str, Any]:
+    """A Distillation; with no status given, one whose preflight passed (``fresh``: none)."""
     base: dict[str, Any] = {
         "teacher": {"model": "hf://org/teacher"},
         "student": {"model": "hf://org/student"},
@@ -42,12 +46,14 @@ def body(name: str = "demo", status: dict[str, Any] | None = None, **spec: Any) 
         "policy": {"retries": 1, "backoffSeconds": 60},
     }
     base.update(spec)
+    if status is None:
+        status = {} if fresh else preflight_passed(base)
     return {
         "apiVersion": "distillation.dev/v1alpha1",
         "kind": "Distillation",
         "metadata": {"name": name, "namespace": "ml", "uid": "u-1", "generation": 1},
         "spec": base,
-        "status": status or {},
+        "status": status,
     }
 
 
@@ -90,6 +96,7 @@ def test_the_rayjob_carries_the_exact_pipeline_spec_distill_run_reads() -> None:
     assert load_pipeline_spec(env[SPEC_ENV]) == spec.pipeline()
     assert rayjob["spec"]["entrypoint"] == (
         f"distill stage train --config-env {SPEC_ENV} --artifact train={plan.artifact('train')} "
+        f"--artifact preflight={plan.artifact('preflight')} "
         f"--artifact generate={plan.artifact('generate')}"
     )
     meta = rayjob["metadata"]
@@ -161,7 +168,7 @@ def test_first_reconcile_starts_the_first_stage_and_repeats_are_no_ops() -> None
     actions = step(obj, [])
     assert [c["metadata"]["name"] for c in actions.create] == ["demo-generate-1"]
     assert obj["status"]["phase"] == "Running"
-    assert obj["status"]["progress"] == "0/3"
+    assert obj["status"]["progress"] == "1/4"  # the preflight passed
     assert conditions(obj)["Ready"]["reason"] == "StageRunning"
     assert [e.reason for e in actions.events] == ["StageStarted"]
     created = actions.create
@@ -186,14 +193,14 @@ def test_a_failure_waits_for_the_backoff_then_retries_then_fails() -> None:
     waiting = step(obj, [failed], now=NOW + timedelta(seconds=10))
     assert waiting.create == []
     assert waiting.requeue_after == pytest.approx(50.0)
-    stage = obj["status"]["stages"][0]
+    stage = obj["status"]["stages"][1]
     assert stage["state"] == "Retrying"
     assert "AppFailed: boom" in stage["message"]
     retry = step(obj, [failed], now=NOW + timedelta(seconds=61))
     assert [c["metadata"]["name"] for c in retry.create] == ["demo-generate-2"]
     second = job_status(retry.create[0], jobDeploymentStatus="ValidationFailed", message="no")
     step(obj, [failed, second], now=NOW + timedelta(seconds=70))
-    assert obj["status"]["stages"][0]["state"] == "Failed"
+    assert obj["status"]["stages"][1]["state"] == "Failed"
     assert obj["status"]["phase"] == "Failed"
     assert conditions(obj)["Stalled"]["status"] == "True"
 
@@ -206,7 +213,7 @@ def test_success_records_metrics_and_starts_the_next_stage() -> None:
     artifacts = {uri: Artifact(manifest={"metrics": {"records": 40, "tokensPerSecond": 12.5}})}
     actions = step(obj, [done], artifacts=artifacts)
     assert [c["metadata"]["name"] for c in actions.create] == ["demo-train-1"]
-    assert obj["status"]["stages"][0]["metrics"] == {"records": "40", "tokensPerSecond": "12.5"}
+    assert obj["status"]["stages"][1]["metrics"] == {"records": "40", "tokensPerSecond": "12.5"}
     assert conditions(obj)["TeacherDataGenerated"]["status"] == "True"
     assert [e.reason for e in actions.events] == ["StageSucceeded", "StageStarted"]
 
@@ -217,7 +224,7 @@ def test_a_complete_artifact_is_reused_without_a_rayjob() -> None:
     uri = make_plan(spec.pipeline()).artifact("generate")
     actions = step(obj, [], artifacts={uri: Artifact(manifest={"metrics": {}})})
     assert [c["metadata"]["name"] for c in actions.create] == ["demo-train-1"]
-    assert "reused" in obj["status"]["stages"][0]["message"]
+    assert "reused" in obj["status"]["stages"][1]["message"]
 
 
 def test_suspend_suspends_ours_and_deletes_kueues() -> None:
@@ -232,7 +239,7 @@ def test_suspend_suspends_ours_and_deletes_kueues() -> None:
     job = step(queued, []).create[0]
     held = job | {"spec": job["spec"] | {"suspend": True}}
     step(queued, [job_status(held, jobDeploymentStatus="Suspended")])
-    assert queued["status"]["stages"][0]["state"] == "Queued"
+    assert queued["status"]["stages"][1]["state"] == "Queued"
     queued["spec"]["policy"]["suspend"] = True
     actions = step(queued, [job_status(held, jobDeploymentStatus="Suspended")])
     assert actions.delete_rayjobs == ["demo-generate-1"]  # Kueue owns suspend
@@ -289,19 +296,19 @@ def test_the_retry_budget_survives_deleted_rayjobs() -> None:
     obj = body()  # policy.retries 1, backoff 60 s
     first = step(obj, []).create[0]
     step(obj, [failed_job(first)], now=NOW + timedelta(seconds=10))
-    assert obj["status"]["stages"][0]["failedAttempts"] == [1]
+    assert obj["status"]["stages"][1]["failedAttempts"] == [1]
     gone = step(obj, [], now=NOW + timedelta(seconds=20))  # the TTL deleted it
     assert gone.create == []
-    assert obj["status"]["stages"][0]["state"] == "Retrying"
+    assert obj["status"]["stages"][1]["state"] == "Retrying"
     retry = step(obj, [], now=NOW + timedelta(seconds=61))
     assert [c["metadata"]["name"] for c in retry.create] == ["demo-generate-2"]
     step(obj, [failed_job(retry.create[0], "2026-11-28T12:02:00Z")], now=NOW + timedelta(minutes=3))
-    assert obj["status"]["stages"][0]["state"] == "Failed"
+    assert obj["status"]["stages"][1]["state"] == "Failed"
     for minutes in (10, 60, 600):  # both RayJobs gone: still Failed, nothing restarts
         later = step(obj, [], now=NOW + timedelta(minutes=minutes))
         assert later.create == []
-        assert obj["status"]["stages"][0]["state"] == "Failed"
-        assert obj["status"]["stages"][0]["failedAttempts"] == [1, 2]
+        assert obj["status"]["stages"][1]["state"] == "Failed"
+        assert obj["status"]["stages"][1]["failedAttempts"] == [1, 2]
     assert conditions(obj)["Stalled"]["status"] == "True"
 
 
@@ -313,8 +320,8 @@ def test_a_succeeded_stage_stays_succeeded_when_its_rayjob_is_deleted() -> None:
     train = step(obj, [complete], artifacts=artifact).create[0]
     after = step(obj, [train], now=NOW + timedelta(hours=2))  # generate's RayJob is gone
     assert after.create == []
-    assert obj["status"]["stages"][0]["state"] == "Succeeded"
-    assert obj["status"]["stages"][1]["state"] == "Running"
+    assert obj["status"]["stages"][1]["state"] == "Succeeded"
+    assert obj["status"]["stages"][2]["state"] == "Running"
 
 
 # ------------------------------------------------------- clusterSelector and suspend
@@ -329,14 +336,14 @@ def test_suspend_on_a_shared_cluster_deletes_and_never_runs_two_drivers() -> Non
     held = step(obj, [first])
     assert held.suspend_rayjobs == {}
     assert held.delete_rayjobs == [first["metadata"]["name"]]
-    assert obj["status"]["stages"][0]["state"] == "Suspended"
+    assert obj["status"]["stages"][1]["state"] == "Suspended"
     obj["spec"]["policy"]["suspend"] = False
     terminating = first | {
         "metadata": first["metadata"] | {"deletionTimestamp": "2026-11-28T12:00:01Z"}
     }
     waiting = step(obj, [terminating], now=NOW + timedelta(seconds=5))
     assert waiting.create == []
-    assert "waits for demo-generate-1" in obj["status"]["stages"][0]["message"]
+    assert "waits for demo-generate-1" in obj["status"]["stages"][1]["message"]
     resumed = step(obj, [], now=NOW + timedelta(seconds=10))
     assert [c["metadata"]["name"] for c in resumed.create] == ["demo-generate-2"]
 
@@ -410,11 +417,11 @@ def test_a_manifest_the_operator_cannot_read_says_why_in_status() -> None:
     uri = generate["metadata"]["annotations"]["distillation.dev/artifact"]
     denied = {uri: Artifact(error="PermissionError: Access Denied (s3://b/out)")}
     actions = step(obj, [complete], artifacts=denied)
-    record = obj["status"]["stages"][0]
+    record = obj["status"]["stages"][1]
     assert record["state"] == "Succeeded"
     assert "cannot read its manifest: PermissionError: Access Denied" in record["message"]
     assert actions.requeue_after == pytest.approx(60.0)
     step(obj, [complete], artifacts={uri: Artifact(manifest={"metrics": {"records": 3}})})
-    record = obj["status"]["stages"][0]
+    record = obj["status"]["stages"][1]
     assert record["metrics"] == {"records": "3"}
     assert record["message"] == "demo-generate-1 succeeded"

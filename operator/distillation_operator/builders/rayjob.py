@@ -52,7 +52,7 @@ def entrypoint(stage: str, plan: Plan) -> str:
     version writes exactly where the operator will look."""
     planned = plan[stage]
     artifacts = [
-        f"--artifact {shlex.quote(f'{n}={plan.artifact(n)}')}" for n in (stage, *planned.inputs)
+        f"--artifact {shlex.quote(f'{n}={plan.artifact(n)}')}" for n in (stage, *planned.waits_for)
     ]
     return " ".join([definition(stage).entrypoint, "--config-env", SPEC_ENV, *artifacts])
 
@@ -72,18 +72,24 @@ def stage_override(spec: DistillationSpec, stage: str) -> StagePlacement | None:
 
 
 def stage_workers(spec: DistillationSpec, stage: str) -> StagePlacement:
-    """Worker pods of ``stage``: its override, else placement.workers, else the stage table's
-    default (training: one pod per Ray Train worker, ``train.workers``), else one."""
-    override, workers = stage_override(spec, stage), spec.placement.workers
+    """Worker pods of ``stage``: its override, else placement.workers (unless the stage table
+    says the stage sizes itself: the preflight), else the stage table's default (training: one
+    pod per Ray Train worker, ``train.workers``; the preflight: none), else one."""
+    override = stage_override(spec, stage)
+    layers = (
+        (spec.placement.workers, override) if definition(stage).shared_placement else (override,)
+    )
     merged: dict[str, Any] = WORKER_DEFAULTS.model_dump(exclude_none=True)
-    for layer in (workers, override):
+    for layer in layers:
         if layer is not None:
             merged.update(layer.model_dump(exclude_none=True))
-    replicas_given = any(layer is not None and layer.replicas for layer in (workers, override))
+    replicas_given = any(layer is not None and layer.replicas for layer in layers)
+    placement = StagePlacement.model_validate(merged)
     default_workers = definition(stage).default_workers
     if default_workers is not None and not replicas_given:
-        merged["replicas"] = default_workers(spec)
-    return StagePlacement.model_validate(merged)
+        # may be 0 (head only), which a user's placement may not ask for
+        placement = placement.model_copy(update={"replicas": default_workers(spec)})
+    return placement
 
 
 def stage_image(spec: DistillationSpec, stage: str, images: Images) -> str:
@@ -172,13 +178,15 @@ def ray_cluster_spec(spec: DistillationSpec, stage: str, images: Images) -> dict
         update=spec.placement.head.model_dump(exclude_none=True) if spec.placement.head else {}
     )
     workers = stage_workers(spec, stage)
-    replicas = workers.replicas or 1
-    return {
+    replicas = workers.replicas if workers.replicas is not None else 1
+    cluster: dict[str, Any] = {
         "headGroupSpec": {
             "rayStartParams": {"num-cpus": "0"},
             "template": pod_template(spec, "ray-head", image, head),
-        },
-        "workerGroupSpecs": [
+        }
+    }
+    if replicas:  # none: the driver runs on the head (the preflight)
+        cluster["workerGroupSpecs"] = [
             {
                 "groupName": WORKER_GROUP,
                 "replicas": replicas,
@@ -187,8 +195,8 @@ def ray_cluster_spec(spec: DistillationSpec, stage: str, images: Images) -> dict
                 "rayStartParams": {},
                 "template": pod_template(spec, "ray-worker", image, workers),
             }
-        ],
-    }
+        ]
+    return cluster
 
 
 def build_rayjob(

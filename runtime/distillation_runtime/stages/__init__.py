@@ -1,6 +1,9 @@
 """The stage table: every stage of the pipeline, one declarative entry each.
 
-    [prune] -> generate -> train -> evaluate -> [quantize -> evaluate-quantized]
+    preflight -> [prune] -> generate -> train -> evaluate -> [quantize -> evaluate-quantized]
+
+The preflight checks the spec against the models and data (seconds, no GPU); every other stage
+waits for it without reading it.
 
 The plan (order, inputs, fingerprints), the local runner, ``distill stage``, the RayJob builder
 (image, placement, entrypoint), reconcile (conditions, the served model, the gate, the final
@@ -20,15 +23,18 @@ from typing import Any
 from distillation_runtime.spec import LogitSource, PipelineSpec
 from distillation_runtime.stages.base import (
     MODEL_DIR,
+    SPEC_PROBLEMS,
     ImageKind,
     Role,
     StageContext,
     StageDefinition,
     StageResult,
+    spec_problems,
 )
 
 __all__ = [
     "MODEL_DIR",
+    "SPEC_PROBLEMS",
     "STAGES",
     "ImageKind",
     "Role",
@@ -38,6 +44,7 @@ __all__ = [
     "added_stage",
     "definition",
     "planned",
+    "spec_problems",
 ]
 
 
@@ -45,6 +52,20 @@ def _data(model: Any) -> Any:
     """A spec section as canonical JSON data (defaults included, so adding a default that equals
     the old value changes nothing)."""
     return model.model_dump(mode="json", by_alias=True) if model is not None else None
+
+
+def _preflight_config(spec: PipelineSpec) -> dict[str, Any]:
+    """What the preflight reads: the models, the dataset, and the settings it checks them
+    against (not learning rates or epochs: editing those re-runs no check)."""
+    losses = spec.train.losses
+    return {
+        "teacher": _data(spec.teacher),
+        "student": _data(spec.student),
+        "dataset": _data(spec.dataset),
+        "features": _data(losses.features),
+        "logits": losses.logits is not None,
+        "quantize": _data(spec.quantize),
+    }
 
 
 def _prune_config(spec: PipelineSpec) -> dict[str, Any]:
@@ -133,6 +154,18 @@ def _evaluation(
 
 
 STAGES: list[StageDefinition] = [
+    StageDefinition(
+        name="preflight",
+        condition="SpecChecked",
+        fingerprint=_preflight_config,
+        first=True,
+        shared_placement=False,
+        default_workers=lambda spec: 0,
+        placement_doc="The preflight (models' configs, tokenizers and the dataset's first rows "
+        "checked against the spec): the Ray head only by default, no GPU; set replicas to give it "
+        "workers.",
+        results=("specProblems",),
+    ),
     StageDefinition(
         name="prune",
         condition="Pruned",

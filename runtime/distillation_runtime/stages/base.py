@@ -23,6 +23,18 @@ MODEL_DIR = "model"
 the trained student, the quantised student. Servers and later stages load ``<artifact>/model``."""
 
 
+SPEC_PROBLEMS = "specProblems"
+"""A stage's metric listing why the spec cannot run with these models and data (the preflight
+writes it): each names the field, the value and what is allowed. Non-empty means refused:
+``distill run`` stops, the operator ends the Distillation InvalidSpec and starts nothing else."""
+
+
+def spec_problems(metrics: Mapping[str, Any] | None) -> list[str]:
+    """The ``SPEC_PROBLEMS`` of a stage's metrics (none when absent or unreadable)."""
+    found = (metrics or {}).get(SPEC_PROBLEMS)
+    return [str(p) for p in found] if isinstance(found, list) else []
+
+
 class ImageKind(StrEnum):
     """Which container image a stage's pods run (``images.*`` in the chart)."""
 
@@ -119,6 +131,12 @@ class StageDefinition:
     requires: str | None = None
     """``"module:function"`` checked before any stage runs when this one will (a missing
     extra is reported before hours of training, not after)."""
+    first: bool = False
+    """Every other stage waits for it without reading its artifact, so it is not part of their
+    fingerprints (adding or changing it re-runs nothing): the preflight."""
+    shared_placement: bool = True
+    """Whether ``placement.workers`` sizes its pods too; the CPU-only preflight takes only its own
+    ``placement.stages`` section (no GPU is held for a config check)."""
 
     @property
     def placement_section(self) -> str:
