@@ -281,6 +281,107 @@ def test_storage_is_read_only_for_stages_that_can_use_it() -> None:
     assert probe(obj, [done]) == [train]  # generate recorded; train about to start
 
 
+# ------------------------------------------------------- the preflight guards every stage
+
+
+def preflight_done(obj: dict[str, Any], first: Any, metrics: dict[str, Any]) -> Any:
+    """The preflight's RayJob succeeded and its manifest says ``metrics``."""
+    uri = first["metadata"]["annotations"]["distillation.dev/artifact"]
+    done = job_status(first, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    return step(obj, [done], artifacts={uri: Artifact({"metrics": metrics})})
+
+
+def test_a_new_distillation_starts_only_its_preflight_on_the_head_without_gpus() -> None:
+    obj = body(fresh=True, placement={"workers": {"gpus": 8}}, student={"prune": {"numLayers": 2}})
+    actions = step(obj, [])
+    assert [c["metadata"]["labels"]["distillation.dev/stage"] for c in actions.create] == [
+        "preflight"
+    ]
+    cluster = actions.create[0]["spec"]["rayClusterSpec"]
+    assert "workerGroupSpecs" not in cluster  # the driver runs on the head
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert {s["name"]: s["message"] for s in obj["status"]["stages"]}["prune"] == (
+        "waits for preflight"
+    )
+
+
+def test_a_passed_preflight_starts_the_first_stages() -> None:
+    obj = body(fresh=True, student={"prune": {"numLayers": 2}})
+    first = step(obj, []).create[0]
+    actions = preflight_done(obj, first, {"specProblems": [], "teacherLayers": 4})
+    started = {c["metadata"]["labels"]["distillation.dev/stage"] for c in actions.create}
+    assert started == {"prune", "generate"}
+    assert conditions(obj)["SpecChecked"]["status"] == "True"
+
+
+def test_a_refused_spec_is_invalid_and_starts_no_gpu_stage() -> None:
+    obj = body(fresh=True)
+    first = step(obj, []).create[0]
+    problem = "student.prune.numLayers is 9 but the teacher's num_hidden_layers is 2"
+    actions = preflight_done(obj, first, {"specProblems": [problem]})
+    assert actions.create == []
+    assert obj["status"]["phase"] == "Failed"
+    for kind in ("Ready", "Stalled"):
+        assert conditions(obj)[kind]["reason"] == "InvalidSpec"
+        assert problem in conditions(obj)[kind]["message"]
+    assert conditions(obj)["Stalled"]["status"] == "True"
+    record = obj["status"]["stages"][0]
+    assert record["state"] == "Failed"
+    assert problem in record["message"]
+    assert {e.reason for e in actions.events} >= {"InvalidSpec"}
+    again = preflight_done(obj, first, {"specProblems": [problem]})
+    assert again.create == []
+    assert again.events == []
+
+
+def test_nothing_it_guards_starts_while_the_preflight_verdict_is_unreadable() -> None:
+    obj = body(fresh=True)
+    first = step(obj, []).create[0]
+    done = job_status(first, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    uri = first["metadata"]["annotations"]["distillation.dev/artifact"]
+    actions = step(obj, [done], artifacts={uri: Artifact(error="AccessDenied")})
+    assert actions.create == []
+    assert actions.requeue_after is not None
+    assert "AccessDenied" in obj["status"]["stages"][0]["message"]
+
+
+def test_a_pipeline_finished_before_the_preflight_existed_runs_nothing_new() -> None:
+    obj = body(fresh=True)
+    spec = DistillationSpec.model_validate(obj["spec"])
+    plan = make_plan(spec.pipeline())
+    obj["status"] = {
+        "stages": [
+            {
+                "name": s.name,
+                "state": "Succeeded",
+                "fingerprint": s.fingerprint,
+                "artifact": plan.artifact(s.name),
+                "metrics": {"gatePassed": "true", "retention": "0.9"},
+            }
+            for s in plan.stages
+            if s.name != "preflight"
+        ]
+    }
+    actions = step(obj, [])
+    assert actions.create == []
+    assert obj["status"]["phase"] == "Succeeded"
+    preflight = next(s for s in obj["status"]["stages"] if s["name"] == "preflight")
+    assert preflight["state"] == "Succeeded"
+    assert "not run" in preflight["message"]
+
+
+def test_vllm_generation_without_gpus_is_refused_before_any_rayjob() -> None:
+    obj = body(fresh=True, generate={"backend": "vllm"})
+    actions = step(obj, [])
+    assert actions.create == []
+    assert "spec.generate.backend is vllm" in conditions(obj)["Ready"]["message"]
+    obj = body(
+        fresh=True, generate={"backend": "vllm"}, placement={"stages": {"generate": {"gpus": 1}}}
+    )
+    assert step(obj, []).create != []
+
+
 # ------------------------------------------------------- outcomes survive their RayJobs
 
 
