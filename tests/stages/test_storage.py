@@ -25,6 +25,7 @@ from distillation_runtime.storage import (
     artifact_complete,
     filesystem,
     local_model,
+    model_metadata,
     make_manifest,
     parse_uri,
     read_manifest,
@@ -411,6 +412,24 @@ def test_an_s3_model_is_downloaded_once(tmp_path, bucket) -> None:
     fs.rm(f"{bucket}/models/m", recursive=True)  # a second call must not need the bucket
     assert local_model(uri, cache) == folder
     assert tree(folder)["config.json"] == b'{"model_type": "llama"}'
+
+
+def test_a_metadata_fetch_of_an_s3_model_leaves_the_weights_behind(tmp_path, bucket) -> None:
+    """What the preflight reads of a 70B teacher: its config and tokenizer, not 140 GB."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    source = model_folder(tmp_path / "src")
+    (source / "tokenizer.json").write_text('{"model": {}}')
+    (source / "pytorch_model.bin").write_bytes(b"old-style weights")
+    for path, body in tree(source).items():
+        fs.pipe_file(f"{bucket}/models/m/{path}", body)
+    uri = f"s3://{bucket}/models/m"
+
+    folder = model_metadata(uri, tmp_path / "cache")
+    assert set(tree(folder)) == {"config.json", "tokenizer.json", COMPLETION_MARKER}
+    assert local_model(uri, tmp_path / "cache") != folder  # the whole model is cached apart
+    assert "shards/model-00001.safetensors" in tree(local_model(uri, tmp_path / "cache"))
 
 
 def test_a_missing_s3_model_names_the_uri(tmp_path, bucket) -> None:
