@@ -64,7 +64,7 @@ def raw_rayjob(index: int) -> dict[str, Any]:
     body["metadata"] |= {"namespace": "raw", "uid": f"uid-{index}"}
     spec = DistillationSpec.model_validate(body["spec"])
     images = Images("registry.test/runtime:1", "registry.test/quantize:1", "registry.test/vllm:1")
-    rayjob = build_rayjob(body, spec, make_plan(spec.pipeline()), "generate", 1, images)
+    rayjob = build_rayjob(body, spec, make_plan(spec.pipeline()), "preflight", 1, images)
     del rayjob["metadata"]["ownerReferences"]
     return rayjob
 
@@ -72,14 +72,14 @@ def raw_rayjob(index: int) -> dict[str, Any]:
 FLOOR_STATUS: dict[str, Any] = {
     "observedGeneration": 1,
     "phase": "Running",
-    "currentStage": "generate",
-    "progress": "0/3",
+    "currentStage": "preflight",
+    "progress": "0/4",
     "conditions": [
         {
             "type": "Ready",
             "status": "False",
             "reason": "StageRunning",
-            "message": "stage generate: created",
+            "message": "stage preflight: created",
             "lastTransitionTime": "2026-12-01T00:00:00Z",
             "observedGeneration": 1,
         }
@@ -98,7 +98,7 @@ def essential_writes(kube: Kube, count: int) -> None:
             "distillation.dev", "v1alpha1", kube.namespace, "distillations", body
         )
         rayjob = raw_rayjob(index)
-        rayjob["metadata"] |= {"name": f"floor-{index}-generate-1", "namespace": kube.namespace}
+        rayjob["metadata"] |= {"name": f"floor-{index}-preflight-1", "namespace": kube.namespace}
         kube.custom.create_namespaced_custom_object(
             "ray.io", "v1", kube.namespace, "rayjobs", rayjob
         )
@@ -236,7 +236,7 @@ def main() -> None:
                 "distillation.dev",
                 "v1alpha1",
             )
-            while stage_count(kube, "generate") < count:
+            while stage_count(kube, "preflight") < count:
                 time.sleep(0.05)
             operator_seconds = time.perf_counter() - t0
             operator_cpu = cpu_seconds(operator.process.pid) - cpu0
@@ -246,12 +246,12 @@ def main() -> None:
             before = writes(operator.metrics())
             latencies = []
             for i in range(handoffs):
-                name = f"d-{i}-generate-1"
-                succeed(kube, pvc, name, {"records": 1})
+                name = f"d-{i}-preflight-1"
+                succeed(kube, pvc, name, {"specProblems": []})
                 start = time.perf_counter()
                 while True:
                     try:
-                        kube.rayjob(f"d-{i}-train-1")
+                        kube.rayjob(f"d-{i}-generate-1")
                         break
                     except Exception:
                         time.sleep(0.005)

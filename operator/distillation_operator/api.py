@@ -529,6 +529,14 @@ class ServeSpec(SpecModel):
     tolerations: list[Toleration] | None = Field(
         default=None, max_length=32, description="Tolerations for the serving pods."
     )
+    service_account_name: ResourceName | None = Field(
+        default=None,
+        description="ServiceAccount of the serving pods, through which KServe's storage "
+        "initializer reads the student from the output store: one with an IAM/workload-identity "
+        "annotation (e.g. eks.amazonaws.com/role-arn), or with a Secret of AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY attached and annotated serving.kserve.io/s3-endpoint (KServe's S3 "
+        "convention). Default: placement.serviceAccountName, the account the stages wrote with.",
+    )
 
     @model_validator(mode="after")
     def _replica_range(self) -> Self:

@@ -198,6 +198,15 @@ class ChildCache:
             ns.tombstones.pop(key, None)
             ns.objects[key] = _Entry(dict(obj), self._seen)
 
+    def deleted(self, obj: Mapping[str, Any]) -> bool:
+        """Whether a deletion of this object (this version or a later one) was observed: a
+        reconcile that read it before the deletion must not bring it back into the gauges."""
+        key, version = _key(obj), _rv(obj)
+        with self._lock:
+            ns = self._namespaces.get(str(obj["metadata"]["namespace"]))
+            tomb = ns.tombstones.get(key) if ns is not None else None
+        return tomb is not None and _newer(version, tomb.version) is not True
+
     def owned(self, namespace: str, kind: str, owner_uid: str) -> list[dict[str, Any]]:
         """Children of ``kind`` whose controller reference is ``owner_uid``."""
         with self._lock:

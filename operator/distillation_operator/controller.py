@@ -94,6 +94,8 @@ class Controller:
     children: ChildCache = field(default_factory=ChildCache)
     generations: dict[Key, int] = field(default_factory=dict)
     """The spec generation each Distillation's events last triggered a reconcile for."""
+    gone: set[Key] = field(default_factory=set)
+    """Distillations seen deleted: a reconcile that was under way must not count them again."""
     apis: tuple[float, frozenset[str]] | None = None
     """(when looked up, the served group/versions)."""
 
@@ -107,6 +109,7 @@ class Controller:
         generation = int(meta.get("generation") or 0)
         if meta.get("deletionTimestamp"):
             return False
+        self.gone.discard(key)  # created again under the same name
         if self.generations.get(key) == generation:
             return False
         self.generations[key] = generation
@@ -166,6 +169,7 @@ class Controller:
         self.phases.pop(key, None)
         self.locks.pop(key, None)
         self.generations.pop(key, None)
+        self.gone.add(key)
         self._update_gauges()
 
     def reconcile_now(self, namespace: str, name: str) -> float | None:
@@ -265,10 +269,12 @@ class Controller:
     def _record(
         self, namespace: str, name: str, actions: Actions, rayjobs: Sequence[Mapping[str, Any]]
     ) -> None:
+        if (namespace, name) in self.gone:
+            return  # deleted while this reconcile ran: its children go with it
         self.phases[(namespace, name)] = str(actions.status.get("phase", "Pending"))
         for obj in rayjobs:
             job = parse_job(obj)
-            if job is None:
+            if job is None or self.children.deleted(obj):
                 continue
             key = f"{namespace}/{job.name}"
             state = job.deployment or "New"

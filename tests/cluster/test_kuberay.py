@@ -132,19 +132,20 @@ def test_every_built_rayjob_initializes_under_kuberay(
             return found if found == "Initializing" else None
 
         wait_for(f"{name} Initializing under KubeRay", state, timeout=60)
-        workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
+        requested = rayjob["spec"]["rayClusterSpec"]
+        groups = requested.get("workerGroupSpecs", [])  # none: the preflight runs on the head
+        workers = groups[0]["replicas"] if groups else 0
         pods = wait_for(
             f"pods of {name}",
             lambda n=name, w=workers: (p := pods_of(kube, n)) and len(p) == w + 1 and p,
             timeout=60,
         )
         head = next(p for p in pods if p.metadata.labels.get("ray.io/node-type") == "head")
-        worker = next(p for p in pods if p.metadata.labels.get("ray.io/node-type") == "worker")
-        requested = rayjob["spec"]["rayClusterSpec"]
-        for pod, group in (
-            (head, requested["headGroupSpec"]),
-            (worker, requested["workerGroupSpecs"][0]),
-        ):
+        pairs = [(head, requested["headGroupSpec"])]
+        if groups:
+            worker = next(p for p in pods if p.metadata.labels.get("ray.io/node-type") == "worker")
+            pairs.append((worker, groups[0]))
+        for pod, group in pairs:
             want = group["template"]["spec"]
             container = pod.spec.containers[0]
             assert container.image == want["containers"][0]["image"]
@@ -168,7 +169,10 @@ def test_every_built_rayjob_initializes_under_kuberay(
                         var["valueFrom"]["secretKeyRef"]["key"],
                     )
                     assert env[var["name"]].value is None  # never inline
-        if sample == "everything":
+        if sample == "everything" and stage.name == "preflight":
+            assert workers == 0  # a config check holds no GPU worker
+            assert "nvidia.com/gpu" not in (head.spec.containers[0].resources.limits or {})
+        elif sample == "everything":
             gpus = worker.spec.containers[0].resources.limits["nvidia.com/gpu"]
             assert str(gpus) == ("1" if stage.name == "quantize" else "2")
             assert (
@@ -215,7 +219,7 @@ def test_a_rayjob_kuberay_refuses_stalls_the_distillation_with_its_message(
 
         def initializing() -> str | None:
             stages = (kube.distillation(good).get("status") or {}).get("stages", [])
-            message = next((s.get("message", "") for s in stages if s["name"] == "generate"), "")
+            message = next((s.get("message", "") for s in stages if s["name"] == "preflight"), "")
             return message if "Initializing" in message else None
 
         wait_for("the accepted Distillation's RayJob Initializing", initializing, timeout=90)

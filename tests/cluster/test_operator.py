@@ -130,6 +130,16 @@ def complete_stage(
     return str(job["metadata"]["name"])
 
 
+PREFLIGHT_PASSED = {"specProblems": [], "teacherLayers": 2, "studentLayers": 1}
+"""The manifest metrics of a preflight that found nothing wrong."""
+
+
+def create_checked(kube: Kube, pvc_root: Path, body: dict[str, Any]) -> None:
+    """Create the Distillation and play its preflight passing (what most tests start from)."""
+    kube.create_distillation(body)
+    complete_stage(kube, pvc_root, "preflight", PREFLIGHT_PASSED)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -145,6 +155,13 @@ def test_happy_path_every_stage_then_served(
             serve={"gpus": 1, "replicas": 2},
         )
     )
+    # the preflight first, alone, on the head; prune and generate wait for it
+    preflight = wait_job(kube, "preflight")
+    assert "workerGroupSpecs" not in preflight["spec"]["rayClusterSpec"]
+    time.sleep(0.5)
+    assert jobs_of(kube, "prune") == jobs_of(kube, "generate") == []
+    complete_stage(kube, pvc_root, "preflight", PREFLIGHT_PASSED)
+    wait_condition(kube, name, "SpecChecked", "True")
     # prune and generate have no inputs: both start at once
     wait_job(kube, "prune")
     generate = wait_job(kube, "generate")
@@ -154,7 +171,7 @@ def test_happy_path_every_stage_then_served(
     assert record["attempts"] == 1
     ready_before = wait_condition(kube, name, "Ready", "False", "StageRunning")
     assert status(kube, name)["observedGeneration"] == 1
-    assert status(kube, name)["progress"] == "0/6"
+    assert status(kube, name)["progress"] == "1/7"
 
     complete_stage(kube, pvc_root, "prune", {"teacherParameters": 4000, "studentParameters": 1000})
     complete_stage(kube, pvc_root, "generate", {"records": 90})
@@ -187,7 +204,7 @@ def test_happy_path_every_stage_then_served(
     ready = wait_condition(kube, name, "Ready", "True", "Served")
     final = status(kube, name)
     assert final["phase"] == "Succeeded"
-    assert final["progress"] == "6/6"
+    assert final["progress"] == "7/7"
     assert final["serving"] == {
         "inferenceService": "happy",
         "url": "http://happy.test",
@@ -205,6 +222,7 @@ def test_happy_path_every_stage_then_served(
     assert final["metrics"]["scheme"] == "W4A16"
     conditions = {c["type"]: c for c in final["conditions"]}
     for type_ in (
+        "SpecChecked",
         "Pruned",
         "TeacherDataGenerated",
         "StudentTrained",
@@ -219,13 +237,14 @@ def test_happy_path_every_stage_then_served(
     assert all(c["observedGeneration"] == 1 for c in final["conditions"])
     assert ready["lastTransitionTime"] >= ready_before["lastTransitionTime"]
     assert {s["name"]: s["state"] for s in final["stages"]} == dict.fromkeys(
-        ["prune", "generate", "train", "evaluate", "quantize", "evaluate-quantized"], "Succeeded"
+        ["preflight", "prune", "generate", "train", "evaluate", "quantize", "evaluate-quantized"],
+        "Succeeded",
     )
     assert stage(kube, name, "train")["metrics"] == {"steps": "12", "finalLoss": "0.5"}
-    assert len(kube.rayjobs()) == 6  # exactly one RayJob per stage
+    assert len(kube.rayjobs()) == 7  # exactly one RayJob per stage
     reasons = event_reasons(kube, name)
-    assert reasons.count("StageStarted") == 6
-    assert reasons.count("StageSucceeded") == 6
+    assert reasons.count("StageStarted") == 7
+    assert reasons.count("StageSucceeded") == 7
     assert "Served" in reasons
     # the defaulted field was left alone: nothing was re-applied over it
     assert kube.inference_services()[0]["spec"]["predictor"]["timeout"] == 60
@@ -235,7 +254,7 @@ def test_happy_path_every_stage_then_served(
         "the InferenceService updated",
         lambda: kube.inference_services()[0]["spec"]["predictor"]["minReplicas"] == 3,
     )
-    assert len(kube.rayjobs()) == 6
+    assert len(kube.rayjobs()) == 7
     # until KServe reports the new generation Ready, the old revision's Ready does not count
     wait_condition(kube, name, "Ready", "False", "Serving")
     kube.set_inference_service_ready(service["metadata"]["name"], "http://happy.test")
@@ -249,7 +268,7 @@ def test_a_failed_attempt_is_retried_after_the_backoff(
     kube: Kube, operator: OperatorProcess, pvc_root: Path
 ) -> None:
     name = "retry"
-    kube.create_distillation(manifest(name, policy={"retries": 2, "backoffSeconds": 3}))
+    create_checked(kube, pvc_root, manifest(name, policy={"retries": 2, "backoffSeconds": 3}))
     first = wait_job(kube, "generate")
     fail(kube, first["metadata"]["name"], "AppFailed", "CUDA out of memory")
     failed_at = time.monotonic()
@@ -270,10 +289,10 @@ def test_a_failed_attempt_is_retried_after_the_backoff(
 
 
 def test_failing_past_the_retry_limit_fails_with_kuberays_reason(
-    kube: Kube, operator: OperatorProcess
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
 ) -> None:
     name = "doomed"
-    kube.create_distillation(manifest(name, policy={"retries": 0, "backoffSeconds": 0}))
+    create_checked(kube, pvc_root, manifest(name, policy={"retries": 0, "backoffSeconds": 0}))
     job = wait_job(kube, "generate")
     fail(
         kube,
@@ -290,13 +309,15 @@ def test_failing_past_the_retry_limit_fails_with_kuberays_reason(
     assert status(kube, name)["phase"] == "Failed"
     assert wait_state(kube, name, "generate", "Failed")["attempts"] == 1
     time.sleep(1.5)
-    assert len(kube.rayjobs()) == 1  # never retried
+    assert len(jobs_of(kube, "generate")) == 1  # never retried
     assert "StageFailed" in event_reasons(kube, name)
 
 
-def test_validation_failed_counts_as_a_failure(kube: Kube, operator: OperatorProcess) -> None:
+def test_validation_failed_counts_as_a_failure(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
     name = "invalid-job"
-    kube.create_distillation(manifest(name, policy={"retries": 0, "backoffSeconds": 0}))
+    create_checked(kube, pvc_root, manifest(name, policy={"retries": 0, "backoffSeconds": 0}))
     job = wait_job(kube, "generate")
     message = "The RayJob spec is invalid: RAY_REDIS_ADDRESS is set (implies GCS fault tolerance)"
     kube.set_rayjob_status(
@@ -312,7 +333,7 @@ def test_operator_killed_in_every_stage_runs_nothing_twice(
 ) -> None:
     name = "restarts"
     kube.create_distillation(manifest(name))
-    for stage_name in ("generate", "train", "evaluate"):
+    for stage_name in ("preflight", "generate", "train", "evaluate"):
         job = wait_job(kube, stage_name)
         wait_state(kube, name, stage_name, "Running")
         # (Events are written after status: wait for this one so that the count below is exact.)
@@ -333,7 +354,7 @@ def test_operator_killed_in_every_stage_runs_nothing_twice(
             kube,
             pvc_root,
             job["metadata"]["name"],
-            EVAL_METRICS if stage_name == "evaluate" else {"x": 1},
+            {"evaluate": EVAL_METRICS, "preflight": PREFLIGHT_PASSED}.get(stage_name, {"x": 1}),
         )
         operator.start()
         wait_state(kube, name, stage_name, "Succeeded")
@@ -341,17 +362,18 @@ def test_operator_killed_in_every_stage_runs_nothing_twice(
     assert sorted(j["metadata"]["name"] for j in kube.rayjobs()) == [
         "restarts-evaluate-1",
         "restarts-generate-1",
+        "restarts-preflight-1",
         "restarts-train-1",
     ]
     started = [e for e in kube.events(name) if e.reason == "StageStarted"]
-    assert len(started) == 3, [e.message for e in started]
+    assert len(started) == 4, [e.message for e in started]
 
 
 def test_a_spec_edit_reruns_only_the_changed_stages(
     kube: Kube, operator: OperatorProcess, pvc_root: Path
 ) -> None:
     name = "edited"
-    kube.create_distillation(manifest(name))
+    create_checked(kube, pvc_root, manifest(name))
     complete_stage(kube, pvc_root, "generate", {"records": 10})
     train = wait_job(kube, "train")
     running(kube, train["metadata"]["name"])
@@ -371,6 +393,7 @@ def test_a_spec_edit_reruns_only_the_changed_stages(
         != train["metadata"]["annotations"]["distillation.dev/fingerprint"]
     )
     assert len(jobs_of(kube, "generate")) == 1
+    assert len(jobs_of(kube, "preflight")) == 1  # a learning rate needs no new check
     after = wait_for(
         "status of generation 2", lambda: status(kube, name).get("observedGeneration") == 2
     )
@@ -384,7 +407,7 @@ def test_suspend_holds_the_running_stage_and_resume_continues_it(
     kube: Kube, operator: OperatorProcess, pvc_root: Path
 ) -> None:
     name = "paused"
-    kube.create_distillation(manifest(name))
+    create_checked(kube, pvc_root, manifest(name))
     job = wait_job(kube, "generate")
     running(kube, job["metadata"]["name"])
     kube.patch_spec(name, {"policy": {"suspend": True}})
@@ -405,18 +428,18 @@ def test_suspend_holds_the_running_stage_and_resume_continues_it(
     )
     running(kube, job["metadata"]["name"])
     wait_state(kube, name, "generate", "Running")
-    assert len(kube.rayjobs()) == 1  # the same RayJob continues: nothing else re-runs
+    assert len(jobs_of(kube, "generate")) == 1  # the same RayJob continues: nothing re-runs
     succeed(kube, pvc_root, job["metadata"]["name"], {"records": 1})
     wait_job(kube, "train")
 
 
 def test_a_kueue_queued_rayjob_shows_as_queued(
-    kube: Kube, operator: OperatorProcess, plane: ControlPlane, tmp_path: Path
+    kube: Kube, operator: OperatorProcess, plane: ControlPlane, tmp_path: Path, pvc_root: Path
 ) -> None:
     install_kueue_stand_in(plane, tmp_path)  # the operator checks that Kueue's API is served
     name = "queued"
     placement = {"queueName": "ml-team"}
-    kube.create_distillation(manifest(name, placement=placement))
+    create_checked(kube, pvc_root, manifest(name, placement=placement))
     job = wait_job(kube, "generate")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-team"
     assert "suspend" not in job["spec"]  # Kueue owns it
@@ -467,7 +490,7 @@ def test_deleting_collects_children_and_keeps_artifacts(
     kube: Kube, operator: OperatorProcess, pvc_root: Path
 ) -> None:
     name = "deleted"
-    kube.create_distillation(manifest(name))
+    create_checked(kube, pvc_root, manifest(name))
     complete_stage(kube, pvc_root, "generate", {"records": 3})
     wait_job(kube, "train")
     artifact = local_path(pvc_root, stage(kube, name, "generate")["artifact"])
@@ -497,20 +520,20 @@ def test_a_name_taken_by_a_foreign_rayjob_is_reported_not_adopted(
     foreign = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": f"{name}-generate-1"},
+        "metadata": {"name": f"{name}-preflight-1"},
         "spec": {"entrypoint": "python other.py", "clusterSelector": {"ray.io/cluster": "x"}},
     }
     kube.custom.create_namespaced_custom_object("ray.io", "v1", kube.namespace, "rayjobs", foreign)
     kube.create_distillation(manifest(name))
     ready = wait_condition(kube, name, "Ready", "False", "ChildWriteFailed")
     assert "does not own" in ready["message"]
-    assert f"{name}-generate-1" in ready["message"]
+    assert f"{name}-preflight-1" in ready["message"]
     stalled = wait_condition(kube, name, "Stalled", "True", "ChildWriteFailed")
     assert stalled["message"] == ready["message"]
-    assert stage(kube, name, "generate")["state"] == "Pending"
-    assert "does not own" in stage(kube, name, "generate")["message"]
+    assert stage(kube, name, "preflight")["state"] == "Pending"
+    assert "does not own" in stage(kube, name, "preflight")["message"]
     wait_for("a ChildWriteFailed event", lambda: "ChildWriteFailed" in event_reasons(kube, name))
-    assert kube.rayjob(f"{name}-generate-1")["spec"]["entrypoint"] == "python other.py"
+    assert kube.rayjob(f"{name}-preflight-1")["spec"]["entrypoint"] == "python other.py"
 
 
 def rayjob_refused(kube: Kube) -> bool:
@@ -528,7 +551,7 @@ def rayjob_refused(kube: Kube) -> bool:
             "ray.io", "v1", kube.namespace, "rayjobs", probe, dry_run="All"
         )
     except ApiException as err:
-        return err.status == 403
+        return err.status in (403, 422)
     return False
 
 
@@ -561,5 +584,67 @@ def test_a_quota_refusal_reaches_status_and_clears_when_the_quota_does(
     assert kube.rayjobs() == []
     core.delete_namespaced_resource_quota("no-rayjobs", kube.namespace)
     wait_for("the quota to be gone", lambda: not rayjob_refused(kube))
-    wait_job(kube, "generate", 1, timeout=75)  # the operator tries again every 30 s
+    wait_job(kube, "preflight", 1, timeout=75)  # the operator tries again every 30 s
     wait_condition(kube, name, "Ready", "False", "StageRunning", timeout=60)
+
+
+def test_an_admission_policy_refusal_reaches_status_with_its_message(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    """An admission check refuses the RayJob with 422 (a ValidatingAdmissionPolicy, the API
+    server's own webhook-free admission, with reason Invalid): the policy's message is in the
+    Distillation's status; once the policy is lifted the next try creates the RayJob."""
+    from kubernetes import client
+
+    admission = client.AdmissionregistrationV1Api(kube.custom.api_client)
+    policy = f"rayjobs-need-a-team-{kube.namespace}"
+    admission.create_validating_admission_policy(
+        {
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["ray.io"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE"],
+                            "resources": ["rayjobs"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": "'team' in object.metadata.?labels.orValue({})",
+                        "message": "RayJobs here need a team label for chargeback",
+                        "reason": "Invalid",
+                    }
+                ],
+            },
+        }
+    )
+    selector = {"matchLabels": {"kubernetes.io/metadata.name": kube.namespace}}
+    admission.create_validating_admission_policy_binding(
+        {
+            "metadata": {"name": policy},
+            "spec": {
+                "policyName": policy,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": selector},
+            },
+        }
+    )
+    try:
+        wait_for("the policy to be enforced", lambda: rayjob_refused(kube), timeout=60)
+        name = "admission"
+        kube.create_distillation(manifest(name))
+        ready = wait_condition(kube, name, "Ready", "False", "ChildWriteFailed")
+        assert "need a team label for chargeback" in ready["message"]
+        assert "(422)" in ready["message"]
+        assert [e for e in event_reasons(kube, name) if e == "ChildWriteFailed"]
+        assert kube.rayjobs() == []
+    finally:
+        admission.delete_validating_admission_policy_binding(policy)
+        admission.delete_validating_admission_policy(policy)
+    wait_for("the policy to be lifted", lambda: not rayjob_refused(kube), timeout=60)
+    wait_job(kube, "preflight", 1, timeout=75)  # the operator tries again every 30 s

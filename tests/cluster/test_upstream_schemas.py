@@ -106,3 +106,70 @@ def test_the_operator_writes_strictly(api: Any, namespace: str) -> None:
     created = Cluster(api).create(fine)
     assert created is not None
     assert created["spec"]["shutdownAfterJobFinishes"] is True
+
+
+# ------------------------------------------------------- every built child, strictly judged
+
+
+def built_children(namespace: str) -> list[tuple[str, dict[str, Any]]]:
+    """(case, manifest) for every RayJob of every stage of every sample (and the kitchen-sink
+    spec of test_kuberay), and the InferenceService of each serving variant."""
+    from test_kuberay import EVERYTHING, IMAGES, samples
+
+    from distillation_operator.api import DistillationSpec
+    from distillation_operator.builders.inference_service import build_inference_service
+    from distillation_operator.builders.rayjob import build_rayjob
+    from distillation_runtime.plan import make_plan
+
+    serving = {
+        "serve": {
+            "gpus": 2,
+            "replicas": 2,
+            "maxReplicas": 4,
+            "maxModelLen": 4096,
+            "args": ["--enable-prefix-caching"],
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "serviceAccountName": "model-reader",
+        }
+    }
+    specs = [
+        *samples(),
+        ("everything-queued", EVERYTHING | {"placement": {"queueName": "team-a"}}),
+        ("served-quantized", EVERYTHING | serving),
+        ("served", {k: v for k, v in (EVERYTHING | serving).items() if k != "quantize"}),
+    ]
+    children = []
+    for case, spec in specs:
+        body = {
+            "apiVersion": "distillation.dev/v1alpha1",
+            "kind": "Distillation",
+            "metadata": {"name": f"m-{case}", "namespace": namespace, "uid": "u-1"},
+            "spec": spec,
+        }
+        model = DistillationSpec.model_validate(spec)
+        plan = make_plan(model.pipeline())
+        for stage in plan.stages:
+            children.append(
+                (f"{case}/{stage.name}", build_rayjob(body, model, plan, stage.name, 1, IMAGES))
+            )
+        if model.serve is not None:
+            uri = f"{plan.artifact(plan.stages[-1].name)}/model"
+            isvc = build_inference_service(body, model, uri, IMAGES, "8.9")
+            children.append((f"{case}/inference-service", isvc))
+    return children
+
+
+def test_every_built_child_passes_a_strict_dry_run(api: Any, namespace: str) -> None:
+    """The upstream schemas, strictly (unknown fields refused), judge what the builders make:
+    a misspelled or misplaced field in any builder fails here, not in a user's cluster."""
+    refused = {}
+    for case, manifest in built_children(namespace):
+        manifest["metadata"].pop("ownerReferences", None)  # the owner is not in this namespace
+        errors = server_dry_run(api, manifest, namespace)
+        if errors:
+            refused[case] = errors
+    assert refused == {}
+    cases = [case for case, _ in built_children(namespace)]
+    assert any(c.endswith("/preflight") for c in cases)
+    assert "served-quantized/inference-service" in cases

@@ -193,3 +193,15 @@ def test_concurrent_reconciles_share_one_list() -> None:
     for thread in threads:
         thread.join(5)
     assert (calls, names(cache)) == (["ml"], ["a"])
+
+
+def test_a_reconcile_that_read_a_child_before_its_deletion_can_tell() -> None:
+    """The operator's gauges must not count a RayJob again because a reconcile that listed it
+    finished after the deletion event (a Distillation deleted with finished RayJobs)."""
+    cache = ChildCache()
+    read = rayjob("a", 5)
+    cache.observe(read)
+    assert not cache.deleted(read)
+    cache.observe(rayjob("a", 6), deleted=True)
+    assert cache.deleted(read)
+    assert not cache.deleted(rayjob("a", 9))  # a new object of the same name is not gone

@@ -474,6 +474,23 @@ def test_served_only_once_kserve_has_seen_the_current_spec() -> None:
     assert inference_service_ready(seen)
 
 
+def test_the_serving_pods_read_the_student_with_the_account_given() -> None:
+    """KServe's storage initializer takes the store's credentials from the predictor's
+    ServiceAccount: serve.serviceAccountName, else the account the stages wrote with."""
+    from distillation_operator.builders.inference_service import build_inference_service
+
+    def account(**spec: Any) -> str | None:
+        obj = body(serve={"gpus": 1, **spec.pop("serve", {})}, **spec)
+        model = DistillationSpec.model_validate(obj["spec"])
+        built = build_inference_service(obj, model, "s3://b/out/train-x/model", IMAGES)
+        return built["spec"]["predictor"].get("serviceAccountName")
+
+    assert account() is None  # the namespace's default account, as KServe does
+    assert account(placement={"serviceAccountName": "writer"}) == "writer"
+    both = {"placement": {"serviceAccountName": "writer"}, "serve": {"serviceAccountName": "r"}}
+    assert account(**both) == "r"
+
+
 # ------------------------------------------------------- deadlines mean what they say
 
 

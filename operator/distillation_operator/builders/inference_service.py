@@ -113,6 +113,9 @@ def build_inference_service(
         ]
     if min_compute_capability and serve.gpus:
         predictor["affinity"] = compute_capability_affinity(min_compute_capability)
+    account = serve.service_account_name or spec.placement.service_account_name
+    if account:
+        predictor["serviceAccountName"] = account
     spec_ = {"predictor": predictor}
     metadata = child_metadata(body, name, "serve")
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(spec_)}
