@@ -304,10 +304,11 @@ def blocked_status(
     old: DistillationStatus, generation: int, now: datetime, reason: Reason, message: str
 ) -> DistillationStatus:
     """Nothing can start until a person acts (an impossible spec, a missing API): Ready False
-    and Stalled True with the problem, the rest of the old status kept (what ran before is still
-    true). An invalid spec is Failed; a missing API leaves the phase as it was (Pending at
-    first), since the Distillation resumes by itself once the API is there."""
-    written = Conditions(old, generation, now)
+    and Stalled True with the problem, the rest of the old status kept, conditions included
+    (what ran before is still true). An invalid spec is Failed; a missing API leaves a running
+    phase as it was and is Pending otherwise, since the Distillation resumes by itself once the
+    API is there."""
+    written = Conditions(old, generation, now, keep=True)  # stage conditions stay true
     written.put(CONDITION_READY, False, reason, message)
     written.put(CONDITION_RECONCILING, False, reason, "")
     written.put(CONDITION_STALLED, True, reason, message)
@@ -315,8 +316,9 @@ def blocked_status(
     new.observed_generation = generation
     if reason is Reason.INVALID_SPEC:
         new.phase, new.current_stage = Phase.FAILED, None
-    else:
-        new.phase = new.phase or Phase.PENDING
+    elif new.phase in (None, Phase.SUCCEEDED, Phase.FAILED):
+        new.phase = Phase.PENDING  # this generation's work waits: not done, not failed
+
     new.conditions = written.listed()
     return new
 

@@ -145,6 +145,29 @@ def run_one(
     return 0
 
 
+def serve_model(
+    model: str, host: str, port: int, served_model_name: str | None, limit: int | None
+) -> int:
+    """Serve a model over OpenAI's HTTP API until interrupted (``serve.py`` says how)."""
+    from distillation_runtime.serve import DEFAULT_MAX_NEW_TOKENS_LIMIT, ServeOptions, serve
+
+    limit = DEFAULT_MAX_NEW_TOKENS_LIMIT if limit is None else limit
+    if limit < 1:
+        print(
+            f"distill serve: --max-new-tokens-limit {limit} is not allowed; give a positive "
+            "integer",
+            file=sys.stderr,
+        )
+        return 2
+    if not 0 <= port <= 65535:
+        print(
+            f"distill serve: --port {port} is not allowed; give 0 to 65535 (0: any free port)",
+            file=sys.stderr,
+        )
+        return 2
+    return serve(ServeOptions(model, host, port, served_model_name, limit))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="LLM knowledge distillation.")
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
@@ -176,6 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="where stage NAME's artifact is (this stage's output or an input); the operator "
         "passes the URIs it planned, so an image of another version writes where it reads",
     )
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (transformers; to try a student)",
+    )
+    serve.add_argument(
+        "model", help="model folder or URI (s3://, gs://, pvc://, hf://), fetched once"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on, 0 for any (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model's name in requests and responses (default: the folder's name)",
+    )
+    serve.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        metavar="N",
+        help="the most tokens one request may generate, its max_tokens (default: 512)",
+    )
     return parser
 
 
@@ -189,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_all(args.spec)
     if args.command == "stage":
         return run_one(args.name, args.config, args.config_env, args.artifact)
+    if args.command == "serve":
+        return serve_model(
+            args.model, args.host, args.port, args.served_model_name, args.max_new_tokens_limit
+        )
     raise AssertionError(f"unhandled command {args.command}")  # argparse refuses unknown ones
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from distillation_operator.permissions import CLUSTER_SCANNING, NAMESPACED, Permission
+from support.chart import readme_values_examples
 from support.cluster import (
     REPO,
     ControlPlane,
@@ -286,10 +286,7 @@ def test_artifact_store_access_reaches_the_pod_and_the_service_account(
 def test_every_values_example_in_the_chart_readme_renders_and_is_accepted(
     cluster: ControlPlane, tmp_path: Path
 ) -> None:
-    text = (REPO / "charts" / "distillation-operator" / "README.md").read_text()
-    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
-    # values examples; the Kubernetes objects shown beside them (argocd-cm) are not values
-    examples = [b for b in blocks if not (isinstance(b, dict) and "kind" in b)]
+    examples = readme_values_examples()
     assert len(examples) >= 4
     for example in examples:
         docs = render(cluster, "-f", values_file(tmp_path, example))

@@ -79,17 +79,26 @@ def test_run_reuse_and_replan(project: Path) -> None:
     assert manifest["fingerprint"] == plan["evaluate"].fingerprint
     assert isinstance(manifest["metrics"]["gatePassed"], bool)
     assert (Path(plan.artifact("evaluate")) / "README.md").exists()
-    assert "evaluate  ran" in out.stdout
+    states = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:]}
+    assert states == dict.fromkeys(["preflight", "generate", "train", "evaluate"], "ran")
+    assert "preflight  ran" in out.stdout
+    assert "problems=0" in out.stdout
 
     again = distill("run", str(first), cwd=project)
     assert again.returncode == 0
-    assert [line.split()[1] for line in again.stdout.splitlines()[1:]] == ["reused"] * 3
+    assert [line.split()[1] for line in again.stdout.splitlines()[1:]] == ["reused"] * 4
 
     edited = write(project, "edited.yaml", spec(project, learningRate="1e-3"))
     third = distill("run", str(edited), cwd=project)
     assert third.returncode == 0, third.stderr[-3000:]
     states = {line.split()[0]: line.split()[1] for line in third.stdout.splitlines()[1:]}
-    assert states == {"generate": "reused", "train": "ran", "evaluate": "ran"}
+    # the preflight checks models and data, not learning rates: reused too
+    assert states == {
+        "preflight": "reused",
+        "generate": "reused",
+        "train": "ran",
+        "evaluate": "ran",
+    }
 
 
 def test_stage_refuses_to_run_before_its_inputs(project: Path) -> None:

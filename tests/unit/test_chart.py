@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import yaml
 
 from distillation_operator.handlers import scanning_enabled
 from distillation_operator.permissions import NAMESPACED
+from support.chart import readme_values_examples
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "distillation-operator"
 
@@ -36,12 +36,6 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def readme_values_examples() -> list[dict[str, Any]]:
-    """The chart README's ```yaml blocks: each is a values file a user would pass with -f."""
-    text = (CHART / "README.md").read_text()
-    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
 
 
 def test_values_schema_is_a_valid_draft7_schema(values_schema: dict[str, Any]) -> None:

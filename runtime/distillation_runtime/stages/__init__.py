@@ -164,7 +164,7 @@ STAGES: list[StageDefinition] = [
         placement_doc="The preflight (models' configs, tokenizers and the dataset's first rows "
         "checked against the spec): the Ray head only by default, no GPU; set replicas to give it "
         "workers.",
-        results=("specProblems",),
+        results=("problems",),
     ),
     StageDefinition(
         name="prune",

@@ -217,6 +217,7 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         context.log(f"preflight: {problem}")
     report = {
         SPEC_PROBLEMS: found,
+        "problems": len(found),
         "checks": ["prune", *(check.__name__ for check in CHECKS)],
         "teacherLayers": int(models.teacher_config.num_hidden_layers),
         "studentLayers": int(models.student_config.num_hidden_layers),
