@@ -27,7 +27,9 @@ class Actions:
     create: list[dict[str, Any]] = field(default_factory=list)
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete_rayjobs: list[str] = field(default_factory=list)
-    delete_inference_services: list[str] = field(default_factory=list)
+    delete_serving: list[tuple[str, str]] = field(default_factory=list)
+    """(kind, name) of serving children to delete (serve removed, or replaced by the other API
+    once that one is ready)."""
     suspend_rayjobs: dict[str, bool] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)

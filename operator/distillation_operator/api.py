@@ -491,8 +491,16 @@ class ServingRuntime(StrEnum):
     VLLM = "vllm"
 
 
+class ServingAPI(StrEnum):
+    """Which KServe resource serves the student."""
+
+    INFERENCE_SERVICE = "InferenceService"
+    LLM_INFERENCE_SERVICE = "LLMInferenceService"
+
+
 class ServeSpec(SpecModel):
-    """Serve the final student with a KServe InferenceService once it passes the gate."""
+    """Serve the final student with KServe (an InferenceService or an LLMInferenceService)
+    once it passes the gate."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -501,13 +509,41 @@ class ServeSpec(SpecModel):
                     "!has(self.maxReplicas) || self.maxReplicas >= self.replicas",
                     "maxReplicas must be at least replicas",
                     ".maxReplicas",
-                )
+                ),
+                cel(
+                    "!has(self.tensorParallelSize) || self.tensorParallelSize <= self.gpus",
+                    "tensorParallelSize splits a replica over its GPUs: it must be at most gpus",
+                    ".tensorParallelSize",
+                ),
+                cel(
+                    "!has(self.api) || self.api != 'LLMInferenceService' || "
+                    "!has(self.maxReplicas) || self.maxReplicas == self.replicas",
+                    "LLMInferenceService autoscaling needs KServe's workload variant autoscaler, "
+                    "which the operator does not configure: set maxReplicas equal to replicas, "
+                    "or use api InferenceService",
+                    ".maxReplicas",
+                ),
             ]
         }
     )
 
     runtime: ServingRuntime = Field(default=ServingRuntime.VLLM, description="Model server.")
+    api: ServingAPI | None = Field(
+        default=None,
+        description="KServe resource that serves the student: InferenceService (serving."
+        "kserve.io/v1beta1, a vLLM predictor container) or LLMInferenceService (serving.kserve."
+        "io/v1alpha2: vLLM behind KServe's gateway and the llm-d scheduler). Default: the one "
+        "the cluster serves, InferenceService when it serves both.",
+    )
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica.")
+    tensor_parallel_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="GPUs one replica's vLLM splits the model over (--tensor-parallel-size; "
+        "LLMInferenceService parallelism.tensor). Default: gpus when more than one. At most "
+        "gpus.",
+    )
     replicas: int = Field(default=1, ge=1, le=1000, description="Minimum replicas.")
     max_replicas: int | None = Field(
         default=None, ge=1, le=1000, description="Autoscale up to this many. Default: replicas."
@@ -545,7 +581,25 @@ class ServeSpec(SpecModel):
                 f"maxReplicas is {self.max_replicas} but replicas is {self.replicas}: "
                 "maxReplicas must be at least replicas"
             )
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size > self.gpus:
+            raise ValueError(
+                f"tensorParallelSize is {self.tensor_parallel_size} but gpus is {self.gpus}: "
+                "tensorParallelSize splits a replica over its GPUs, so it must be at most gpus"
+            )
+        autoscaled = self.max_replicas is not None and self.max_replicas != self.replicas
+        if self.api is ServingAPI.LLM_INFERENCE_SERVICE and autoscaled:
+            raise ValueError(
+                f"maxReplicas is {self.max_replicas} but replicas is {self.replicas} with api "
+                "LLMInferenceService: its autoscaling needs KServe's workload variant autoscaler, "
+                "which the operator does not configure; set maxReplicas equal to replicas, or "
+                "use api InferenceService"
+            )
         return self
+
+    @property
+    def tensor_parallel(self) -> int:
+        """GPUs per vLLM replica the model is split over."""
+        return self.tensor_parallel_size or max(self.gpus, 1)
 
 
 class PolicySpec(SpecModel):
@@ -831,10 +885,18 @@ class Phase(StrEnum):
 
 
 class ServingStatus(StatusModel):
-    """The InferenceService serving the student."""
+    """The KServe resource serving the student."""
 
     inference_service: str | None = Field(
-        default=None, max_length=253, description="Name of the InferenceService."
+        default=None,
+        max_length=253,
+        description="Name of the InferenceService or LLMInferenceService (see kind).",
+    )
+    kind: str | None = Field(
+        default=None,
+        max_length=63,
+        description="InferenceService or LLMInferenceService (spec.serve.api, or the one the "
+        "cluster serves).",
     )
     url: str | None = Field(default=None, max_length=2048, description="Where to send requests.")
     ready: bool = Field(default=False, description="Whether it answers requests.")

@@ -29,7 +29,7 @@ from distillation_operator.builders.inference_service import inference_service_n
 from distillation_operator.cache import ChildCache
 from distillation_operator.k8s import Cluster, ForeignChildError, api_error_message
 from distillation_operator.observed import Observed, parse_job
-from distillation_operator.reconcile import artifacts_to_probe, reconcile, understand
+from distillation_operator.reconcile import SERVING_KINDS, artifacts_to_probe, reconcile, understand
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -181,15 +181,19 @@ class Controller:
         self.children.ensure_listed(namespace, lambda ns: self.cluster.managed_children(ns, served))
         uid = body["metadata"]["uid"]
         rayjobs = self.children.owned(namespace, "RayJob", uid)
-        services = self.children.owned(namespace, "InferenceService", uid)
         service_name = inference_service_name(name)
-        service = next((s for s in services if s["metadata"]["name"] == service_name), None)
+        serving = [
+            child
+            for kind in SERVING_KINDS
+            for child in self.children.owned(namespace, kind, uid)
+            if child["metadata"]["name"] == service_name
+        ]
         understood = understand(body, rayjobs)  # the spec parsed and planned once
         now = datetime.now(UTC)
         artifacts = read_artifacts(artifacts_to_probe(understood, now))
-        observed = Observed(body, rayjobs, service, artifacts, now, served)
+        observed = Observed(body, rayjobs, serving, artifacts, now, served)
         actions = reconcile(observed, self.images, understood)
-        for child in [*rayjobs, *([service] if service else []), *actions.create, *actions.apply]:
+        for child in [*rayjobs, *serving, *actions.create, *actions.apply]:
             meta = child["metadata"]
             self.seen[f"{meta['namespace']}/{meta['name']}"] = child_signature(child)
         self.apply(body, actions)
@@ -228,9 +232,8 @@ class Controller:
 
         for job in actions.delete_rayjobs:
             attempt("delete", "RayJob", job, partial(self.cluster.delete, "RayJob", namespace, job))
-        for service in actions.delete_inference_services:
-            delete = partial(self.cluster.delete, "InferenceService", namespace, service)
-            attempt("delete", "InferenceService", service, delete)
+        for kind, service in actions.delete_serving:
+            attempt("delete", kind, service, partial(self.cluster.delete, kind, namespace, service))
         for job, suspend in actions.suspend_rayjobs.items():
             patch = partial(self.cluster.suspend_rayjob, namespace, job, suspend)
             updated = attempt("patch", "RayJob", job, patch)

@@ -92,6 +92,7 @@ async def distillation_event(
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels=MANAGED)
 @kopf.on.event("serving.kserve.io", "v1beta1", "inferenceservices", labels=MANAGED)
+@kopf.on.event("serving.kserve.io", "v1alpha2", "llminferenceservices", labels=MANAGED)
 async def child_changed(type: str | None, body: kopf.Body, namespace: str | None, **_: Any) -> None:
     """A RayJob or InferenceService of a Distillation changed: remember it, and reconcile its
     owner unless the change is one the last reconcile already saw (e.g. its own creation).

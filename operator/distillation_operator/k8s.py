@@ -33,7 +33,12 @@ T = TypeVar("T")
 
 RAYJOB = ("ray.io", "v1", "rayjobs")
 INFERENCE_SERVICE = ("serving.kserve.io", "v1beta1", "inferenceservices")
-KINDS = {"RayJob": RAYJOB, "InferenceService": INFERENCE_SERVICE}
+LLM_INFERENCE_SERVICE = ("serving.kserve.io", "v1alpha2", "llminferenceservices")
+KINDS = {
+    "RayJob": RAYJOB,
+    "InferenceService": INFERENCE_SERVICE,
+    "LLMInferenceService": LLM_INFERENCE_SERVICE,
+}
 STRICT = "Strict"
 """Every create and patch asks the API server to refuse unknown or duplicate fields: a misspelled
 field in a builder is an error the user sees (ChildWriteFailed), never silently dropped."""
@@ -130,7 +135,7 @@ class Cluster:
         return frozenset(v.group_version for g in groups for v in g.versions or [])
 
     def managed_children(self, namespace: str, served: Collection[str] | None = None) -> Listing:
-        """Every RayJob and InferenceService the operator made in ``namespace``, with each LIST's
+        """Every RayJob and serving child the operator made in ``namespace``, with each LIST's
         resourceVersion; kinds whose API the cluster does not serve are skipped."""
         found: list[dict[str, Any]] = []
         versions: dict[str, str] = {}

@@ -55,7 +55,9 @@ class Observed:
 
     body: Mapping[str, Any]
     rayjobs: Sequence[Mapping[str, Any]] = field(default_factory=list)
-    inference_service: Mapping[str, Any] | None = None
+    serving: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    """Its serving children (InferenceService, LLMInferenceService; two while switching APIs),
+    each with its ``kind``."""
     artifacts: Mapping[str, Artifact] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     served: frozenset[str] | None = None

@@ -43,6 +43,7 @@ NAMESPACED: tuple[Permission, ...] = (
     ),
     Permission("ray.io", "rayjobs", OWN, "one RayJob per stage"),
     Permission("serving.kserve.io", "inferenceservices", OWN, "serve the student"),
+    Permission("serving.kserve.io", "llminferenceservices", OWN, "serve the student (serve.api)"),
     Permission("", "events", ("create", "patch"), "events on Distillations"),
 )
 """Needed in every namespace the operator watches."""

@@ -36,6 +36,8 @@ from distillation_operator.api import (
     DistillationStatus,
     EventReason,
     Reason,
+    ServeSpec,
+    ServingAPI,
     ServingStatus,
     StageState,
     StageStatus,
@@ -44,6 +46,10 @@ from distillation_operator.builders.common import ANNOTATION_SPEC_HASH, Images
 from distillation_operator.builders.inference_service import (
     INFERENCE_SERVICE_API,
     build_inference_service,
+)
+from distillation_operator.builders.llm_inference_service import (
+    LLM_INFERENCE_SERVICE_API,
+    build_llm_inference_service,
 )
 from distillation_operator.builders.rayjob import (
     KUEUE_GROUP,
@@ -659,37 +665,78 @@ def enforce_deadline(d: Decision, stages: list[StageStatus]) -> None:
             record.state, record.message = StageState.FAILED, "policy.deadlineSeconds passed"
 
 
+SERVING_KINDS = ("InferenceService", "LLMInferenceService")
+"""The kinds a student is served by (``serve.api``)."""
+SERVING_API_VERSIONS = {
+    ServingAPI.INFERENCE_SERVICE: INFERENCE_SERVICE_API,
+    ServingAPI.LLM_INFERENCE_SERVICE: LLM_INFERENCE_SERVICE_API,
+}
+
+
+def serving_api(serve: ServeSpec, served: frozenset[str] | None) -> ServingAPI:
+    """``serve.api``, else the one the cluster serves (InferenceService when it serves both, or
+    when it is unknown or serves neither: then ``missing_apis`` says so)."""
+    if serve.api is not None:
+        return serve.api
+    only_llm = (
+        served is not None
+        and INFERENCE_SERVICE_API not in served
+        and LLM_INFERENCE_SERVICE_API in served
+    )
+    return ServingAPI.LLM_INFERENCE_SERVICE if only_llm else ServingAPI.INFERENCE_SERVICE
+
+
 def serve(
     d: Decision, stages: list[StageStatus], gate_passed: bool
 ) -> tuple[ServingStatus | None, bool]:
-    """Create or update the InferenceService for a student that passed (the plan's last
-    student stage: quantised when quantised); (its status, whether it is ready)."""
-    observed = d.observed.inference_service
+    """Create or update what serves a student that passed (the plan's last student stage:
+    quantised when quantised); (its status, whether it is ready). A failed gate leaves the
+    student already serving as it is. Switching ``serve.api`` creates the new kind and deletes
+    the old one only once the new one is ready, so the student keeps answering meanwhile."""
+    observed = list(d.observed.serving)
     if d.spec.serve is None:
-        if observed is not None:
-            d.actions.delete_inference_services.append(observed["metadata"]["name"])
+        d.actions.delete_serving += [(o["kind"], o["metadata"]["name"]) for o in observed]
         return None, True
-    if not gate_passed:
-        name = observed["metadata"]["name"] if observed else None
-        return (ServingStatus(inference_service=name) if name else None), False
+    api = serving_api(d.spec.serve, d.observed.served)
+    current = next((o for o in observed if o.get("kind") == api.value), None)
+    others = [o for o in observed if o.get("kind") != api.value]
+    if not gate_passed:  # whatever served before serves on, untouched
+        serving = current or (others[0] if others else None)
+        if serving is None:
+            return None, False
+        before = ServingStatus(
+            inference_service=serving["metadata"]["name"],
+            kind=serving.get("kind"),
+            url=(serving.get("status") or {}).get("url"),
+            ready=inference_service_ready(serving),
+        )
+        return before, False
     student = d.understood.plan.last(Role.STUDENT)
     assert student is not None, "every plan has a student stage"
     record = next(s for s in stages if s.name == student.name)
     capability = (record.metrics or {}).get("minComputeCapability")
-    desired = build_inference_service(
+    build = (
+        build_llm_inference_service
+        if api is ServingAPI.LLM_INFERENCE_SERVICE
+        else build_inference_service
+    )
+    desired = build(
         dict(d.observed.body), d.spec, f"{record.artifact}/{MODEL_DIR}", d.images, capability
     )
     name = desired["metadata"]["name"]
-    if observed is None:
+    status = ServingStatus(inference_service=name, kind=api.value)
+    if current is None:
         d.actions.create.append(desired)
-        return ServingStatus(inference_service=name), False
-    written = (observed.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+        return status, False
+    written = (current.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
     if written != desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]:
         d.actions.apply.append(desired)
-        return ServingStatus(inference_service=name), False
-    ready = inference_service_ready(observed)
-    url = (observed.get("status") or {}).get("url")
-    return ServingStatus(inference_service=name, url=url, ready=ready), ready
+        return status, False
+    ready = inference_service_ready(current)
+    if ready:
+        d.actions.delete_serving += [(o["kind"], o["metadata"]["name"]) for o in others]
+    status.url, status.ready = (current.get("status") or {}).get("url"), ready
+    return status, ready
 
 
 def inference_service_ready(observed: Mapping[str, Any]) -> bool:
@@ -714,11 +761,16 @@ def missing_apis(spec: DistillationSpec, served: frozenset[str] | None) -> list[
             f"{RAYJOB_API} RayJob is not served by this cluster: every stage runs as a RayJob; "
             "install KubeRay (v1.5 or later)"
         )
-    if spec.serve is not None and INFERENCE_SERVICE_API not in served:
-        missing.append(
-            f"spec.serve needs {INFERENCE_SERVICE_API} InferenceService, which this cluster does "
-            "not serve: install KServe, or remove spec.serve to distil without serving"
-        )
+    if spec.serve is not None:
+        api = serving_api(spec.serve, served)
+        version = SERVING_API_VERSIONS[api]
+        if version not in served:
+            chosen = "spec.serve.api is" if spec.serve.api is not None else "spec.serve needs"
+            missing.append(
+                f"{chosen} {version} {api.value}, which this cluster does not serve: install "
+                "KServe (v0.17 or later for LLMInferenceService), or remove spec.serve to distil "
+                "without serving"
+            )
     if spec.placement.queue_name and KUEUE_GROUP not in groups:
         missing.append(
             f"spec.placement.queueName is {spec.placement.queue_name!r} but {KUEUE_GROUP} is not "

@@ -157,6 +157,19 @@ def _first_active_reason(state: StageState) -> Reason:
     }.get(state, Reason.PENDING)
 
 
+def gate_failure(outcome: Outcome) -> str:
+    """Why the gate refused the student: the metric, the retention it kept, the threshold."""
+    metrics = outcome.metrics or {}
+    gate = outcome.spec.evaluate.gate
+    metric = metrics.get("gateMetric") or gate.metric.value
+    kept = metrics.get("retention")
+    measured = f"kept {kept} of the teacher's {metric}" if kept else f"{metric} was not measured"
+    return (
+        f"the student did not pass evaluate.gate: it {measured}, below minRetention "
+        f"{gate.min_retention}"
+    )
+
+
 def summarize(outcome: Outcome) -> Summary:
     """Where the whole Distillation is, in one reason (first match wins)."""
     spec = outcome.spec
@@ -182,9 +195,10 @@ def summarize(outcome: Outcome) -> Summary:
             message = f"{message}: {reasons[-1]}"
         return Summary(False, Reason.GATE_UNKNOWN, message, False)
     if outcome.gate != "true":
-        return Summary(False, Reason.GATE_FAILED, "the student did not pass evaluate.gate", True)
+        return Summary(False, Reason.GATE_FAILED, gate_failure(outcome), True)
     if spec.serve is not None and not outcome.served:
-        message = "waiting for the InferenceService to become ready"
+        kind = (outcome.serving.kind if outcome.serving else None) or "InferenceService"
+        message = f"waiting for the {kind} to become ready"
         return Summary(False, Reason.SERVING, message, False)
     reason = Reason.SUCCEEDED if spec.serve is None else Reason.SERVED
     return Summary(True, reason, "the student passed its gate", False)
@@ -262,13 +276,14 @@ def conditions(outcome: Outcome, summary: Summary) -> list[Condition]:
         written.put(stage_condition(record.name), ok, record.state.value, record.message or "")
     if outcome.spec.serve is not None:
         serving = outcome.serving
-        ok = serving is not None and serving.ready
-        why = (
-            Reason.READY
-            if ok
-            else (Reason.GATE_FAILED if outcome.gate == "false" else Reason.NOT_READY)
-        )
-        written.put(CONDITION_SERVED, ok, why, serving.url or "" if serving else "")
+        gate_failed = outcome.gate == "false"
+        ok = serving is not None and serving.ready and not gate_failed  # this generation's
+        why = Reason.READY if ok else (Reason.GATE_FAILED if gate_failed else Reason.NOT_READY)
+        message = serving.url or "" if serving else ""
+        if gate_failed:
+            kept = "; the student served before keeps serving" if serving else "; nothing served"
+            message = gate_failure(outcome) + kept
+        written.put(CONDITION_SERVED, ok, why, message)
     return written.listed()
 
 

@@ -207,6 +207,7 @@ def test_happy_path_every_stage_then_served(
     assert final["progress"] == "7/7"
     assert final["serving"] == {
         "inferenceService": "happy",
+        "kind": "InferenceService",
         "url": "http://happy.test",
         "ready": True,
     }
@@ -262,6 +263,33 @@ def test_happy_path_every_stage_then_served(
     text = operator.metrics()
     assert 'distillation_reconciles_total{outcome="ok"}' in text
     assert 'distillation_distillations{phase="Succeeded"} 1.0' in text
+
+
+def test_served_with_llminferenceservice_when_asked(
+    kube: Kube, operator: OperatorProcess, pvc_root: Path
+) -> None:
+    """serve.api LLMInferenceService: the operator (through its own RBAC and watches) makes
+    one, follows KServe's readiness of it, and reports it served."""
+    name = "llm"
+    serve = {"api": "LLMInferenceService", "gpus": 2, "replicas": 2}
+    create_checked(kube, pvc_root, manifest(name, serve=serve))
+    complete_stage(kube, pvc_root, "generate", {"records": 9})
+    complete_stage(kube, pvc_root, "train", {"steps": 3, "finalLoss": 0.5})
+    complete_stage(kube, pvc_root, "evaluate", EVAL_METRICS)
+    service = wait_for("the LLMInferenceService", lambda: kube.inference_services(llm=True))[0]
+    assert kube.inference_services() == []  # one serving child, of the kind asked for
+    assert service["spec"]["replicas"] == 2
+    assert service["spec"]["parallelism"] == {"tensor": 2}
+    assert service["spec"]["model"]["uri"] == stage(kube, name, "train")["artifact"] + "/model"
+    wait_condition(kube, name, "Ready", "False", "Serving")
+    kube.set_inference_service_ready(service["metadata"]["name"], "http://llm.test", llm=True)
+    wait_condition(kube, name, "Ready", "True", "Served")
+    assert status(kube, name)["serving"] == {
+        "inferenceService": "llm",
+        "kind": "LLMInferenceService",
+        "url": "http://llm.test",
+        "ready": True,
+    }
 
 
 def test_a_failed_attempt_is_retried_after_the_backoff(

@@ -118,6 +118,7 @@ def built_children(namespace: str) -> list[tuple[str, dict[str, Any]]]:
 
     from distillation_operator.api import DistillationSpec
     from distillation_operator.builders.inference_service import build_inference_service
+    from distillation_operator.builders.llm_inference_service import build_llm_inference_service
     from distillation_operator.builders.rayjob import build_rayjob
     from distillation_runtime.plan import make_plan
 
@@ -138,6 +139,12 @@ def built_children(namespace: str) -> list[tuple[str, dict[str, Any]]]:
         ("everything-queued", EVERYTHING | {"placement": {"queueName": "team-a"}}),
         ("served-quantized", EVERYTHING | serving),
         ("served", {k: v for k, v in (EVERYTHING | serving).items() if k != "quantize"}),
+        (
+            "served-llm",
+            EVERYTHING
+            | {"serve": serving["serve"] | {"api": "LLMInferenceService", "maxReplicas": 2}},
+        ),
+        ("served-llm-1gpu", EVERYTHING | {"serve": {"api": "LLMInferenceService", "gpus": 1}}),
     ]
     children = []
     for case, spec in specs:
@@ -155,8 +162,9 @@ def built_children(namespace: str) -> list[tuple[str, dict[str, Any]]]:
             )
         if model.serve is not None:
             uri = f"{plan.artifact(plan.stages[-1].name)}/model"
-            isvc = build_inference_service(body, model, uri, IMAGES, "8.9")
-            children.append((f"{case}/inference-service", isvc))
+            llm = model.serve.api == "LLMInferenceService"
+            build = build_llm_inference_service if llm else build_inference_service
+            children.append((f"{case}/serving", build(body, model, uri, IMAGES, "8.9")))
     return children
 
 
@@ -172,4 +180,5 @@ def test_every_built_child_passes_a_strict_dry_run(api: Any, namespace: str) -> 
     assert refused == {}
     cases = [case for case, _ in built_children(namespace)]
     assert any(c.endswith("/preflight") for c in cases)
-    assert "served-quantized/inference-service" in cases
+    assert "served-quantized/serving" in cases
+    assert "served-llm/serving" in cases

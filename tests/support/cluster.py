@@ -239,6 +239,7 @@ _PLURALS = {
     "RayJob": "rayjobs",
     "RayCluster": "rayclusters",
     "InferenceService": "inferenceservices",
+    "LLMInferenceService": "llminferenceservices",
     "Distillation": "distillations",
 }
 

@@ -168,9 +168,11 @@ class Kube:
             )
         )
 
-    def inference_services(self) -> list[dict[str, Any]]:
+    def inference_services(self, *, llm: bool = False) -> list[dict[str, Any]]:
+        """The InferenceServices (``llm``: the LLMInferenceServices) in the namespace."""
+        version, plural = _serving(llm)
         found = self.custom.list_namespaced_custom_object(
-            "serving.kserve.io", "v1beta1", self.namespace, "inferenceservices"
+            "serving.kserve.io", version, self.namespace, plural
         )
         return list(found["items"])
 
@@ -189,11 +191,12 @@ class Kube:
             "ray.io", "v1", self.namespace, "rayjobs", name, {"status": status}
         )
 
-    def set_inference_service_ready(self, name: str, url: str) -> None:
+    def set_inference_service_ready(self, name: str, url: str, *, llm: bool = False) -> None:
         """Ready as KServe reports it: for the generation it has seen (``observedGeneration``)."""
         now = _now()
+        version, plural = _serving(llm)
         current = self.custom.get_namespaced_custom_object(
-            "serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", name
+            "serving.kserve.io", version, self.namespace, plural, name
         )
         status = {
             "observedGeneration": current["metadata"]["generation"],
@@ -204,12 +207,7 @@ class Kube:
             ],
         }
         self.custom.patch_namespaced_custom_object_status(
-            "serving.kserve.io",
-            "v1beta1",
-            self.namespace,
-            "inferenceservices",
-            name,
-            {"status": status},
+            "serving.kserve.io", version, self.namespace, plural, name, {"status": status}
         )
 
 
@@ -229,6 +227,11 @@ def distillation_manifest(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": defaults | spec,
     }
+
+
+def _serving(llm: bool) -> tuple[str, str]:
+    """(version, plural) of KServe's InferenceService, or of its LLMInferenceService."""
+    return ("v1alpha2", "llminferenceservices") if llm else ("v1beta1", "inferenceservices")
 
 
 def _now() -> str:

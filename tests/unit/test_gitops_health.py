@@ -76,7 +76,7 @@ class Play:
         observed = Observed(
             self.obj,
             list(self.rayjobs.values()),
-            inference_service=self.inference_service,
+            serving=[self.inference_service] if self.inference_service else [],
             artifacts=self.artifacts,
             now=self.now,
             served=self.served,

@@ -491,6 +491,135 @@ def test_the_serving_pods_read_the_student_with_the_account_given() -> None:
     assert account(**both) == "r"
 
 
+def finished(obj: dict[str, Any]) -> dict[str, Any]:
+    """The Distillation with every stage recorded Succeeded and the gate passed."""
+    spec = DistillationSpec.model_validate(obj["spec"])
+    plan = make_plan(spec.pipeline())
+    obj["status"] = {
+        "stages": [
+            {
+                "name": s.name,
+                "state": "Succeeded",
+                "fingerprint": s.fingerprint,
+                "artifact": plan.artifact(s.name),
+                "metrics": {"gatePassed": "true", "retention": "0.97"},
+            }
+            for s in plan.stages
+        ]
+    }
+    return obj
+
+
+KSERVE_LLM = frozenset({"ray.io/v1", "serving.kserve.io/v1alpha2"})
+KSERVE_BOTH = KSERVE_LLM | {"serving.kserve.io/v1beta1"}
+
+
+def ready(child: dict[str, Any], url: str = "http://student.test") -> dict[str, Any]:
+    """KServe marks ``child`` ready for the spec it has seen."""
+    generation = child["metadata"].setdefault("generation", 1)
+    conditions = [{"type": "Ready", "status": "True"}]
+    return child | {
+        "status": {"observedGeneration": generation, "url": url, "conditions": conditions}
+    }
+
+
+def test_a_cluster_with_only_llminferenceservice_serves_with_it() -> None:
+    obj = finished(
+        body(serve={"gpus": 2, "maxModelLen": 4096, "args": ["--enable-prefix-caching"]})
+    )
+    actions = step(obj, [], served=KSERVE_LLM)
+    (created,) = actions.create
+    assert created["apiVersion"] == "serving.kserve.io/v1alpha2"
+    assert created["kind"] == "LLMInferenceService"
+    spec = created["spec"]
+    student = next(s for s in obj["status"]["stages"] if s["name"] == "train")["artifact"]
+    assert spec["model"] == {"uri": f"{student}/model", "name": "demo"}
+    assert spec["parallelism"] == {"tensor": 2}  # one replica over its 2 GPUs
+    main = spec["template"]["containers"][0]
+    assert main["name"] == "main"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 2
+    extra = {e["name"]: e["value"] for e in main["env"]}["VLLM_ADDITIONAL_ARGS"]
+    assert extra == "--max-model-len 4096 --enable-prefix-caching"  # tensor: in parallelism
+    assert set(spec["router"]) == {"route", "gateway", "scheduler"}
+    assert obj["status"]["serving"]["kind"] == "LLMInferenceService"
+    served = step(obj, [], served=KSERVE_LLM, serving=[ready(created)])
+    assert served.create == served.apply == []
+    assert conditions(obj)["Ready"]["reason"] == "Served"
+    assert obj["status"]["serving"]["url"] == "http://student.test"
+
+
+def test_an_api_the_cluster_does_not_serve_is_named() -> None:
+    obj = finished(body(serve={"api": "LLMInferenceService"}))
+    actions = step(obj, [], served=frozenset({"ray.io/v1", "serving.kserve.io/v1beta1"}))
+    assert actions.create == []
+    stalled = conditions(obj)["Stalled"]
+    assert stalled["reason"] == "MissingAPI"
+    assert "spec.serve.api is serving.kserve.io/v1alpha2 LLMInferenceService" in stalled["message"]
+
+
+def test_switching_the_api_keeps_the_old_one_serving_until_the_new_one_is_ready() -> None:
+    obj = finished(body(serve={"gpus": 1}))
+    isvc = step(obj, [], served=KSERVE_BOTH).create[0]
+    assert isvc["kind"] == "InferenceService"  # both served: InferenceService by default
+    step(obj, [], served=KSERVE_BOTH, serving=[ready(isvc)])
+    assert conditions(obj)["Ready"]["status"] == "True"
+
+    obj["spec"]["serve"]["api"] = "LLMInferenceService"
+    obj["metadata"]["generation"] = 2
+    switching = step(obj, [], served=KSERVE_BOTH, serving=[ready(isvc)])
+    (llm,) = switching.create
+    assert llm["kind"] == "LLMInferenceService"
+    assert switching.delete_serving == []  # the old one answers meanwhile
+    assert conditions(obj)["Ready"]["status"] == "False"
+    done = step(obj, [], served=KSERVE_BOTH, serving=[ready(isvc), ready(llm)])
+    assert done.delete_serving == [("InferenceService", isvc["metadata"]["name"])]
+    assert conditions(obj)["Ready"]["reason"] == "Served"
+
+
+def test_a_failed_gate_leaves_the_served_student_serving_and_says_why() -> None:
+    obj = finished(body(serve={"gpus": 1}, evaluate={"gate": {"minRetention": "0.95"}}))
+    isvc = step(obj, [], served=KSERVE_BOTH).create[0]
+    step(obj, [], served=KSERVE_BOTH, serving=[ready(isvc)])
+    # a re-distillation (new generation) whose student falls short of the gate
+    obj["metadata"]["generation"] = 2
+    for record in obj["status"]["stages"]:
+        record["metrics"] = {"gatePassed": "false", "retention": "0.81", "gateMetric": "tokenF1"}
+    actions = step(obj, [], served=KSERVE_BOTH, serving=[ready(isvc)])
+    assert actions.apply == actions.create == actions.delete_serving == []
+    served = conditions(obj)["Served"]
+    assert served["status"] == "False"
+    assert served["reason"] == "GateFailed"
+    assert "kept 0.81 of the teacher's tokenF1, below minRetention 0.95" in served["message"]
+    assert "the student served before keeps serving" in served["message"]
+    assert obj["status"]["serving"]["ready"] is True  # what answers now: the old revision
+    assert conditions(obj)["Stalled"]["reason"] == "GateFailed"
+
+
+def test_an_inference_service_splits_a_replica_over_its_gpus() -> None:
+    from distillation_operator.builders.inference_service import build_inference_service
+
+    obj = body(serve={"gpus": 4, "tensorParallelSize": 2})
+    model = DistillationSpec.model_validate(obj["spec"])
+    built = build_inference_service(obj, model, "s3://b/out/train-x/model", IMAGES)
+    args = built["spec"]["predictor"]["containers"][0]["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+
+
+@pytest.mark.parametrize(
+    ("serve", "says"),
+    [
+        ({"gpus": 1, "tensorParallelSize": 2}, "tensorParallelSize is 2 but gpus is 1"),
+        (
+            {"api": "LLMInferenceService", "replicas": 1, "maxReplicas": 3},
+            "workload variant autoscaler",
+        ),
+    ],
+)
+def test_serving_shapes_the_api_cannot_take_are_refused(serve: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        DistillationSpec.model_validate(body(serve=serve)["spec"])
+
+
 # ------------------------------------------------------- deadlines mean what they say
 
 

@@ -55,9 +55,13 @@ Used by the ClusterRole (cluster-wide mode) and by each Role (watchNamespaces mo
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-# The KServe InferenceService that serves the student once it passes its gate.
+# The KServe InferenceService or LLMInferenceService that serves the student once it passes
+# its gate (spec.serve.api).
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["serving.kserve.io"]
+  resources: ["llminferenceservices"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 # Events on Distillations (kopf posts handler outcomes; the operator posts stage transitions).
 - apiGroups: [""]

@@ -41,12 +41,51 @@ def inference_service_name(distillation: str) -> str:
     return child_name(distillation, (), MAX_INFERENCE_SERVICE_NAME)
 
 
-def vllm_args(serve: ServeSpec, served_name: str) -> list[str]:
-    """vLLM server arguments: the model folder, the port KServe routes to, the user's extras."""
-    args = ["--model", MODEL_DIR, "--port", str(SERVING_PORT), "--served-model-name", served_name]
+def engine_args(serve: ServeSpec, *, tensor_parallel: bool = True) -> list[str]:
+    """vLLM arguments from the spec: tensor parallelism over the replica's GPUs (unless the
+    resource says it itself: LLMInferenceService's parallelism), the context length, the user's
+    extras."""
+    args = []
+    if tensor_parallel and serve.tensor_parallel > 1:
+        args += ["--tensor-parallel-size", str(serve.tensor_parallel)]
     if serve.max_model_len is not None:
         args += ["--max-model-len", str(serve.max_model_len)]
     return args + list(serve.args or [])
+
+
+def vllm_args(serve: ServeSpec, served_name: str) -> list[str]:
+    """vLLM server arguments: the model folder, the port KServe routes to, the spec's."""
+    args = ["--model", MODEL_DIR, "--port", str(SERVING_PORT), "--served-model-name", served_name]
+    return args + engine_args(serve)
+
+
+def hub_token_env(spec: DistillationSpec) -> list[dict[str, Any]]:
+    """The hub token as a ``secretKeyRef`` variable, when the spec names one."""
+    if spec.secrets is None or spec.secrets.hugging_face_token is None:
+        return []
+    token = spec.secrets.hugging_face_token
+    return [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
+    ]
+
+
+def serving_placement(spec: DistillationSpec, min_compute_capability: str | None) -> dict[str, Any]:
+    """Pod fields of the serving pods (both APIs): nodes, tolerations, GPUs of the compute
+    capability a quantised student needs, and the account KServe's storage initializer uses."""
+    serve = spec.serve or ServeSpec()
+    pod: dict[str, Any] = {}
+    if serve.node_selector:
+        pod["nodeSelector"] = dict(serve.node_selector)
+    if serve.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in serve.tolerations
+        ]
+    if min_compute_capability and serve.gpus:
+        pod["affinity"] = compute_capability_affinity(min_compute_capability)
+    account = serve.service_account_name or spec.placement.service_account_name
+    if account:
+        pod["serviceAccountName"] = account
+    return pod
 
 
 def compute_capability_affinity(capability: str) -> dict[str, Any]:
@@ -80,15 +119,7 @@ def build_inference_service(
     """The InferenceService serving the model at ``model_uri`` (the final student's folder)."""
     serve = spec.serve or ServeSpec()
     name = inference_service_name(body["metadata"]["name"])
-    env: list[dict[str, Any]] = [{"name": "STORAGE_URI", "value": model_uri}]
-    if spec.secrets is not None and spec.secrets.hugging_face_token is not None:
-        token = spec.secrets.hugging_face_token
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}},
-            }
-        )
+    env = [{"name": "STORAGE_URI", "value": model_uri}, *hub_token_env(spec)]
     container = {
         "name": "kserve-container",
         "image": serve.image or images.vllm,
@@ -104,18 +135,8 @@ def build_inference_service(
         "minReplicas": serve.replicas,
         "maxReplicas": serve.max_replicas or serve.replicas,
         "containers": [container],
+        **serving_placement(spec, min_compute_capability),
     }
-    if serve.node_selector:
-        predictor["nodeSelector"] = dict(serve.node_selector)
-    if serve.tolerations:
-        predictor["tolerations"] = [
-            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in serve.tolerations
-        ]
-    if min_compute_capability and serve.gpus:
-        predictor["affinity"] = compute_capability_affinity(min_compute_capability)
-    account = serve.service_account_name or spec.placement.service_account_name
-    if account:
-        predictor["serviceAccountName"] = account
     spec_ = {"predictor": predictor}
     metadata = child_metadata(body, name, "serve")
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash(spec_)}
