@@ -839,6 +839,20 @@ class StageState(StrEnum):
     FAILED = "Failed"
 
 
+class StageProgress(StatusModel):
+    """How far a running stage is, from the record it writes beside its artifact."""
+
+    done: int = Field(ge=0, description="Units done (train: optimizer steps; generate: records).")
+    total: int | None = Field(default=None, ge=0, description="Units in all, when known.")
+    unit: str = Field(max_length=32, description="What is counted: steps, records.")
+    percent: str | None = Field(default=None, max_length=16, description="done/total, in %.")
+    eta_seconds: int | None = Field(
+        default=None, ge=0, description="Seconds left at the rate so far."
+    )
+    loss: str | None = Field(default=None, max_length=32, description="Current training loss.")
+    updated: datetime | None = Field(default=None, description="When the stage wrote it.")
+
+
 class StageStatus(StatusModel):
     """Observed state of one stage."""
 
@@ -871,6 +885,10 @@ class StageStatus(StatusModel):
     )
     message: str | None = Field(
         default=None, max_length=32768, description="Why the stage is in this state."
+    )
+    progress: StageProgress | None = Field(
+        default=None,
+        description="While it runs: steps or records done, loss, ETA (read every 30 s at most).",
     )
 
 
@@ -942,6 +960,11 @@ class DistillationStatus(StatusModel):
     progress: str | None = Field(
         default=None, max_length=32, description="Stages done out of all, e.g. 3/6."
     )
+    stage_progress: str | None = Field(
+        default=None,
+        max_length=128,
+        description="The running stages' own progress, e.g. 'train 45% (1h10m left)'.",
+    )
     deadline_clock: DeadlineClock | None = Field(
         default=None,
         description="What policy.deadlineSeconds counts: from the start of the current "
@@ -981,6 +1004,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "type": "string",
         "jsonPath": ".status.progress",
         "description": "Stages done out of all.",
+    },
+    {
+        "name": "Step",
+        "type": "string",
+        "jsonPath": ".status.stageProgress",
+        "description": "How far the running stage is (percent, time left).",
     },
     {
         "name": "Retention",

@@ -9,6 +9,7 @@ metrics (and so the quality gate) wait, and the reason is reported in status.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from distillation_operator.observed import Artifact
 
@@ -25,3 +26,12 @@ def read_artifact(uri: str) -> Artifact:
 
 def read_artifacts(uris: Iterable[str]) -> dict[str, Artifact]:
     return {uri: read_artifact(uri) for uri in dict.fromkeys(uris)}
+
+
+def read_progress_records(uris: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The progress records the running stages wrote (progress URI -> record); those that
+    cannot be read are left out (progress never holds up a reconcile)."""
+    from distillation_runtime.progress import read_progress
+
+    found = {uri: read_progress(uri) for uri in dict.fromkeys(uris)}
+    return {uri: record for uri, record in found.items() if record is not None}

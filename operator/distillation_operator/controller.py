@@ -23,13 +23,19 @@ from kubernetes.client.exceptions import ApiException
 from distillation_operator import metrics, report
 from distillation_operator.actions import Actions, WriteFailure
 from distillation_operator.api import DistillationStatus, EventReason
-from distillation_operator.artifacts import read_artifacts
+from distillation_operator.artifacts import read_artifacts, read_progress_records
 from distillation_operator.builders.common import Images
 from distillation_operator.builders.inference_service import inference_service_name
 from distillation_operator.cache import ChildCache
 from distillation_operator.k8s import Cluster, ForeignChildError, api_error_message
 from distillation_operator.observed import Observed, parse_job
-from distillation_operator.reconcile import SERVING_KINDS, artifacts_to_probe, reconcile, understand
+from distillation_operator.reconcile import (
+    SERVING_KINDS,
+    artifacts_to_probe,
+    progress_to_probe,
+    reconcile,
+    understand,
+)
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -191,7 +197,8 @@ class Controller:
         understood = understand(body, rayjobs)  # the spec parsed and planned once
         now = datetime.now(UTC)
         artifacts = read_artifacts(artifacts_to_probe(understood, now))
-        observed = Observed(body, rayjobs, serving, artifacts, now, served)
+        progress = read_progress_records(progress_to_probe(understood, now))
+        observed = Observed(body, rayjobs, serving, artifacts, progress, now, served)
         actions = reconcile(observed, self.images, understood)
         for child in [*rayjobs, *serving, *actions.create, *actions.apply]:
             meta = child["metadata"]

@@ -59,6 +59,8 @@ class Observed:
     """Its serving children (InferenceService, LLMInferenceService; two while switching APIs),
     each with its ``kind``."""
     artifacts: Mapping[str, Artifact] = field(default_factory=dict)
+    progress: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Running stages' progress records (``progress.progress_uri`` of the artifact -> record)."""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     served: frozenset[str] | None = None
     """The ``group/version`` pairs the cluster serves; None when unknown (then every API the

@@ -39,6 +39,7 @@ from distillation_operator.api import (
     ServeSpec,
     ServingAPI,
     ServingStatus,
+    StageProgress,
     StageState,
     StageStatus,
 )
@@ -59,6 +60,7 @@ from distillation_operator.builders.rayjob import (
 )
 from distillation_operator.observed import MESSAGE_LIMIT, Artifact, Job, Observed, parse_jobs
 from distillation_runtime.plan import Plan, Stage, make_plan
+from distillation_runtime.progress import progress_uri
 from distillation_runtime.spec import GenerateBackend
 from distillation_runtime.stages import MODEL_DIR, ImageKind, Role, spec_problems
 
@@ -66,6 +68,7 @@ __all__ = [
     "Understanding",
     "artifacts_to_probe",
     "feasibility_problems",
+    "progress_to_probe",
     "reconcile",
     "retry_delay",
     "understand",
@@ -75,6 +78,9 @@ MANIFEST_RETRY_SECONDS = 60.0
 """How soon to look again for a manifest the operator could not read."""
 MISSING_API_POLL_SECONDS = 15.0
 """How soon to look again for an API the spec needs (installed meanwhile: resume by itself)."""
+PROGRESS_POLL_SECONDS = 30.0
+"""How often a running stage's progress record is read again (so at most one status write per
+stage per 30 s for progress alone)."""
 SHARED_CLUSTER_POLL_SECONDS = 5.0
 """How soon to look again for a stopped driver on a shared RayCluster (its deletion event
 wakes the operator anyway; this is the fallback)."""
@@ -381,6 +387,7 @@ def record_success(d: Decision, view: StageView, record: StageStatus) -> None:
         record.metrics = None
         d.actions.requeue(MANIFEST_RETRY_SECONDS)
     record.message = success_message(record, artifact)
+    record.progress = None  # done: the metrics say the rest
     if view.refused:
         record.state = StageState.FAILED
         record.message = (f"{SPEC_REFUSED}: " + "; ".join(view.refused))[:MESSAGE_LIMIT]
@@ -420,6 +427,9 @@ def follow_active(d: Decision, view: StageView, record: StageStatus) -> None:
             d.actions.suspend_rayjobs[latest.name] = False
         record.state = StageState.RUNNING
         record.message = running_message(latest.name, latest.attempt, latest.deployment)
+        uri = progress_uri(d.understood.plan.artifact(view.stage.name))
+        record.progress = stage_progress(d.observed.progress.get(uri)) or record.progress
+        d.actions.requeue(PROGRESS_POLL_SECONDS)
 
 
 def hold_active(d: Decision, job: Job, record: StageStatus) -> None:
@@ -574,6 +584,38 @@ def probed(view: StageView, spec: DistillationSpec, now: datetime) -> bool:
     if view.previous is not None and view.previous.state is StageState.SUCCEEDED:
         return not view.previous.metrics
     return classify(view, spec, now) in PROBED
+
+
+def progress_to_probe(understood: Understanding | SpecProblem, now: datetime) -> list[str]:
+    """Where the stages under way write how far they are (read at most every
+    ``PROGRESS_POLL_SECONDS``: reconcile looks again that often while one runs)."""
+    if isinstance(understood, SpecProblem):
+        return []
+    done = recorded_done(understood)
+    views = [stage_view(understood, stage, {}, done) for stage in understood.plan.stages]
+    return [
+        progress_uri(understood.plan.artifact(view.stage.name))
+        for view in views
+        if classify(view, understood.spec, now) is Situation.ACTIVE
+    ]
+
+
+def stage_progress(record: Mapping[str, Any] | None) -> StageProgress | None:
+    """A stage's progress record as status (None when there is none or it is not readable)."""
+    if not record:
+        return None
+    try:
+        return StageProgress(
+            done=int(record["done"]),
+            total=int(record["total"]) if record.get("total") is not None else None,
+            unit=str(record.get("unit", ""))[:32],
+            percent=report.decimal(record.get("percent")),
+            eta_seconds=int(record["etaSeconds"]) if record.get("etaSeconds") is not None else None,
+            loss=report.decimal(record.get("loss")),
+            updated=record.get("updated"),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def artifacts_to_probe(understood: Understanding | SpecProblem, now: datetime) -> list[str]:

@@ -292,6 +292,30 @@ def conditions(outcome: Outcome, summary: Summary) -> list[Condition]:
 # --------------------------------------------------------------------------------------------
 
 
+def duration(seconds: int) -> str:
+    """``4210`` -> ``1h10m``: what a person reads in a column."""
+    hours, rest = divmod(max(seconds, 0), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(stages: Sequence[StageStatus]) -> str | None:
+    """The running stages' own progress in one line: ``train 45% (1h10m left)``."""
+    parts = []
+    for record in stages:
+        progress = record.progress
+        if record.state is not StageState.RUNNING or progress is None:
+            continue
+        amount = f"{progress.percent}%" if progress.percent else f"{progress.done} {progress.unit}"
+        left = (
+            f" ({duration(progress.eta_seconds)} left)" if progress.eta_seconds is not None else ""
+        )
+        parts.append(f"{record.name} {amount}{left}")
+    return ", ".join(parts)[:128] or None
+
+
 def status(outcome: Outcome) -> DistillationStatus:
     """The new status of the Distillation."""
     summary = summarize(outcome)
@@ -308,6 +332,7 @@ def status(outcome: Outcome) -> DistillationStatus:
         start_time=outcome.start_time,
         completion_time=completion,
         progress=f"{outcome.done}/{len(outcome.stages)}",
+        stage_progress=progress_line(outcome.stages),
         deadline_clock=outcome.deadline_clock,
         stages=outcome.stages,
         metrics=outcome.metrics,

@@ -126,6 +126,22 @@ def shape_of(config: Any) -> Shape:
     )
 
 
+def hidden_must_divide_heads(config: Any) -> bool:
+    """Whether transformers refuses this architecture's config when the hidden size is not a
+    multiple of the attention heads (Llama's does; Qwen2/3's and Mistral's, with an explicit
+    head_dim, do not). Asked of transformers itself, so a new release's rules are followed."""
+    probe = config.__class__.from_dict(config.to_dict())
+    probe.hidden_size = int(config.num_attention_heads) * 8 + 1
+    validate = getattr(probe, "validate", None)
+    if validate is None:
+        return False
+    try:
+        validate()
+    except Exception:  # transformers' own validation error types vary by release
+        return True
+    return False
+
+
 def check_architecture(config: Any, field: str = "teacher.model") -> str:
     """The config's architecture, or a ``PruneError`` naming the supported ones."""
     names = list(getattr(config, "architectures", None) or [])
@@ -190,8 +206,11 @@ def explicit_target(
     intermediate_size: int | None = None,
     num_attention_heads: int | None = None,
     num_layers: int | None = None,
+    hidden_per_head: bool = False,
 ) -> Shape:
-    """The teacher's shape with the given sizes replaced, checked against the teacher."""
+    """The teacher's shape with the given sizes replaced, checked against the teacher
+    (``hidden_per_head``: the architecture needs the hidden size to be a multiple of the heads,
+    ``hidden_must_divide_heads``)."""
     target = teacher
     if hidden_size is not None:
         _check_size("hiddenSize", hidden_size, teacher.hidden, "hidden_size")
@@ -217,7 +236,7 @@ def explicit_target(
         target = replace(
             target, heads=num_attention_heads, kv_heads=num_attention_heads // per_group
         )
-    if target.hidden % target.heads:
+    if hidden_per_head and target.hidden % target.heads:
         nearest = _round_down(target.hidden, target.heads)
         raise PruneError(
             f"student.prune: hidden size {target.hidden} is not a multiple of the "
@@ -243,13 +262,18 @@ def _round_down(value: float, step: int) -> int:
 
 
 def _widest(
-    parameters: Mapping[str, Sequence[int]], teacher: Shape, layers: int, budget: int
+    parameters: Mapping[str, Sequence[int]],
+    teacher: Shape,
+    layers: int,
+    budget: int,
+    hidden_per_head: bool = False,
 ) -> Shape | None:
     """The widest shape with ``layers`` layers under ``budget``: hidden and MLP shrink by one
     factor (heads kept, as Minitron found head pruning hurts most), then the MLP grows back in
     aligned steps to use what is left of the budget."""
-    # transformers refuses a hidden size that is not a multiple of the attention heads
-    h_step, i_step = math.lcm(_align(teacher.hidden), teacher.heads), _align(teacher.intermediate)
+    h_step, i_step = _align(teacher.hidden), _align(teacher.intermediate)
+    if hidden_per_head:  # e.g. Llama's config refuses a hidden size the heads do not divide
+        h_step = math.lcm(h_step, teacher.heads)
     best: Shape | None = None
     for step in range(1000, 0, -1):
         factor = step / 1000
@@ -279,6 +303,7 @@ def fit_budget(
     teacher: Shape,
     budget: int,
     axes: BudgetAxes = "width",
+    hidden_per_head: bool = False,
 ) -> Shape:
     """The largest shape whose parameter count is at most ``budget``.
 
@@ -303,7 +328,7 @@ def fit_budget(
         layers = teacher.layers
         if axes == "both":
             layers = max(1, min(teacher.layers, round(teacher.layers * math.sqrt(budget / full))))
-        found = _widest(parameters, teacher, layers, budget)
+        found = _widest(parameters, teacher, layers, budget, hidden_per_head)
     if found is None:
         floor = count_parameters(parameters, replace(teacher, layers=1, hidden=1, intermediate=1))
         raise PruneError(

@@ -19,6 +19,7 @@ from distillation_runtime.demo import (
     save_pretrained,
 )
 from distillation_runtime.plan import make_plan
+from distillation_runtime.progress import progress_uri, read_progress
 from distillation_runtime.spec import PipelineSpec
 from distillation_runtime.storage import artifact_complete, read_manifest
 
@@ -82,6 +83,15 @@ def test_run_reuse_and_replan(project: Path) -> None:
     states = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:]}
     assert states == dict.fromkeys(["preflight", "generate", "train", "evaluate"], "ran")
     assert "preflight  ran" in out.stdout
+    # what the operator shows while they run: each stage's last progress record, beside it
+    trained = read_progress(progress_uri(plan.artifact("train")))
+    assert trained is not None
+    assert (trained["unit"], trained["done"]) == ("steps", trained["total"])
+    assert trained["done"] == read_manifest(plan.artifact("train"))["metrics"]["steps"]
+    assert "loss" in trained
+    generated = read_progress(progress_uri(plan.artifact("generate")))
+    assert generated is not None
+    assert generated["done"] == generated["total"] == 40  # every prompt answered once
     assert "problems=0" in out.stdout
 
     again = distill("run", str(first), cwd=project)

@@ -83,7 +83,7 @@ def test_resource_identity_and_printer_columns(crd: dict[str, Any]) -> None:
     assert version["name"] == "v1alpha1"
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Ready", "Stage", "Progress", "Retention", "Age"]
+    assert columns == ["Ready", "Stage", "Progress", "Step", "Retention", "Age"]
 
 
 def test_sections_default_so_the_server_fills_them(crd: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ RUNTIME_MODULES_THE_OPERATOR_MAY_USE = {
     "distillation_runtime.stages.base",
     "distillation_runtime.yamlio",
     "distillation_runtime.storage",  # URIs and manifests; fsspec/s3fs load only when reading
+    "distillation_runtime.progress",  # running stages' progress records (json, storage)
 }
 API_MODULES = {
     # The operator's modules that talk to the API server: kopf and kubernetes, never ML.

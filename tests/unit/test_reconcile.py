@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from distillation_operator.api import DistillationSpec
+from distillation_operator.api import DeadlineClock, DistillationSpec
 from distillation_operator.builders.common import Images
 from distillation_operator.builders.rayjob import (
     MAX_RAYJOB_NAME,
@@ -22,6 +22,7 @@ from distillation_operator.reconcile import (
     artifacts_to_probe,
     reconcile,
     retry_delay,
+    seconds_left,
     understand,
 )
 from distillation_runtime.cli import main as distill
@@ -279,6 +280,32 @@ def test_storage_is_read_only_for_stages_that_can_use_it() -> None:
     assert probe(obj, [done]) == [generate]  # its metrics
     step(obj, [done], artifacts={generate: Artifact(manifest={"metrics": {"records": 1}})})
     assert probe(obj, [done]) == [train]  # generate recorded; train about to start
+
+
+def test_a_running_stage_shows_its_own_progress_and_is_looked_at_every_30_s() -> None:
+    from distillation_runtime.progress import progress_uri
+
+    obj = body()
+    job = step(obj, []).create[0]
+    running = job_status(job, jobDeploymentStatus="Running", jobStatus="RUNNING")
+    uri = progress_uri(job["metadata"]["annotations"]["distillation.dev/artifact"])
+    assert probe_progress(obj, [running]) == [uri]
+    record = {"done": 450, "total": 1000, "unit": "records", "percent": 45.0, "etaSeconds": 4210}
+    actions = step(obj, [running], progress={uri: record})
+    generate = obj["status"]["stages"][1]
+    assert generate["progress"]["done"] == 450
+    assert generate["progress"]["percent"] == "45"
+    assert obj["status"]["stageProgress"] == "generate 45% (1h10m left)"
+    assert actions.requeue_after == 30.0
+    quiet = step(obj, [running])  # the record unreadable for a moment: the last one stays
+    assert obj["status"]["stages"][1]["progress"]["done"] == 450
+    assert quiet.status == actions.status
+
+
+def probe_progress(obj: dict[str, Any], jobs: list[dict[str, Any]]) -> list[str]:
+    from distillation_operator.reconcile import progress_to_probe
+
+    return progress_to_probe(understand(obj, jobs), NOW)
 
 
 # ------------------------------------------------------- the preflight guards every stage
@@ -631,7 +658,11 @@ def test_time_spent_suspended_does_not_count_toward_the_deadline() -> None:
     obj["spec"]["policy"]["suspend"] = False
     resumed = step(obj, [running], now=NOW + timedelta(minutes=150))
     assert resumed.delete_rayjobs == []
-    assert resumed.requeue_after == pytest.approx(30 * 60)  # 30 min of working time left
+    clock = DeadlineClock.model_validate(obj["status"]["deadlineClock"])
+    left = seconds_left(clock, 3600, NOW + timedelta(minutes=150))
+    assert left == pytest.approx(30 * 60)  # 30 min of working time left
+    assert resumed.requeue_after is not None
+    assert resumed.requeue_after <= left  # looked at again before the deadline
     assert obj["status"]["deadlineClock"]["suspendedSeconds"] == 2 * 3600
     step(obj, [running], now=NOW + timedelta(minutes=181))
     assert conditions(obj)["Stalled"]["reason"] == "DeadlineExceeded"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distillation_runtime.progress import ProgressWriter, progress_uri
 from distillation_runtime.records import Record
 from distillation_runtime.spec import GenerateBackend, GenerateSpec
 from distillation_runtime.stages.base import StageContext, StageResult
@@ -171,8 +172,10 @@ def run(
     *,
     actors: int = 1,
     tensor_parallel_size: int = 1,
+    progress: str | None = None,
 ) -> GenerateResult:
-    """Answer every prompt; write ``train.parquet`` and ``eval.parquet`` under ``output``."""
+    """Answer every prompt; write ``train.parquet`` and ``eval.parquet`` under ``output``
+    (and, when ``progress`` is a URI, how many records are done there while it runs)."""
     import importlib.util
 
     import torch
@@ -183,10 +186,15 @@ def run(
         spec.backend, importlib.util.find_spec("vllm") is not None, torch.cuda.device_count()
     )
     started = time.perf_counter()
+    reported = ProgressWriter(
+        progress, "generate", len(prompts) * spec.samples_per_prompt, "records"
+    )
+    reported.update(0)
     if backend == "vllm":
         rows = _generate_vllm(teacher, prompts, spec, tensor_parallel_size)
     else:
-        rows = _generate_ray_data(teacher, prompts, spec, actors)
+        rows = _generate_ray_data(teacher, prompts, spec, actors, reported)
+    reported.update(len(rows))
     seconds = time.perf_counter() - started
     by_split: dict[str, list[Record]] = {"train": [], "eval": []}
     for split, record in rows:
@@ -208,7 +216,11 @@ def run(
 
 
 def _generate_ray_data(
-    teacher: str, prompts: Sequence[PromptItem], spec: GenerateSpec, actors: int
+    teacher: str,
+    prompts: Sequence[PromptItem],
+    spec: GenerateSpec,
+    actors: int,
+    reported: ProgressWriter | None = None,
 ) -> list[tuple[str, Record]]:
     import ray
 
@@ -233,6 +245,8 @@ def _generate_ray_data(
             fields[name] = text_or_none(fields[name])
         record = Record(**fields)
         rows.append((str(row["split"]), record))
+        if reported is not None:
+            reported.update(len(rows))
     rows.sort(key=lambda pair: order[pair[1].prompt])  # stable: samples keep their order
     return rows
 
@@ -292,6 +306,7 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         spec.generate,
         folder,
         tensor_parallel_size=spec.teacher.tensor_parallel_size,
+        progress=progress_uri(context.artifact(context.current)),
     )
     metrics = {
         "prompts": len(items),

@@ -59,6 +59,7 @@ def pruned_student_config(spec: PipelineSpec, teacher_config: Any) -> tuple[Any,
     from distillation_runtime.prune import (
         PruneError,
         check_architecture,
+        hidden_must_divide_heads,
         parameter_shapes,
         pruned_config,
         shape_of,
@@ -72,7 +73,7 @@ def pruned_student_config(spec: PipelineSpec, teacher_config: Any) -> tuple[Any,
         teacher = shape_of(teacher_config)
         parameters = parameter_shapes(_meta_model(teacher_config))
         job = PruneJob.from_spec(prune, teacher="", prompts=[], output="")
-        target = target_shape(job, teacher, parameters)
+        target = target_shape(job, teacher, parameters, hidden_must_divide_heads(teacher_config))
     except (PruneError, ValueError) as err:
         return teacher_config, [str(err)]
     return pruned_config(teacher_config, target, list(range(target.layers))), []

@@ -33,6 +33,7 @@ from distillation_runtime.prune import (
     check_architecture,
     explicit_target,
     fit_budget,
+    hidden_must_divide_heads,
     shape_of,
 )
 from distillation_runtime.spec import DType, PruneSpec
@@ -100,16 +101,25 @@ class PruneResult:
     seconds: float
 
 
-def target_shape(job: PruneJob, teacher: Shape, parameters: dict[str, tuple[int, ...]]) -> Shape:
-    """The student's shape: the budget's fit, or the teacher with the explicit sizes."""
+def target_shape(
+    job: PruneJob,
+    teacher: Shape,
+    parameters: dict[str, tuple[int, ...]],
+    hidden_per_head: bool = False,
+) -> Shape:
+    """The student's shape: the budget's fit, or the teacher with the explicit sizes (a hidden
+    size the heads divide when the architecture needs it: ``hidden_must_divide_heads``)."""
     if job.parameter_budget is not None:
-        return fit_budget(parameters, teacher, job.parameter_budget, job.budget_axes)
+        return fit_budget(
+            parameters, teacher, job.parameter_budget, job.budget_axes, hidden_per_head
+        )
     return explicit_target(
         teacher,
         hidden_size=job.hidden_size,
         intermediate_size=job.intermediate_size,
         num_attention_heads=job.num_attention_heads,
         num_layers=job.num_layers,
+        hidden_per_head=hidden_per_head,
     )
 
 
@@ -187,7 +197,7 @@ def run(job: PruneJob) -> PruneResult:
     architecture = check_architecture(model.config)
     teacher = shape_of(model.config)
     parameters = parameter_shapes(model)
-    target = target_shape(job, teacher, parameters)
+    target = target_shape(job, teacher, parameters, hidden_must_divide_heads(model.config))
 
     importance, reused = scores(job, model, tokenizer)
     keep = choose(importance, teacher, target)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from distillation_runtime.progress import ProgressWriter, progress_uri
 from distillation_runtime.spec import LogitSource, TrainSpec
 from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
 
@@ -68,6 +69,11 @@ class TrainJob(BaseModel):
         default=None, ge=1, description="Stop after this many optimizer steps (equal-compute runs)."
     )
     keep_checkpoints: int = Field(default=2, ge=1)
+    progress: str | None = Field(
+        default=None,
+        description="Where rank 0 writes its progress record (progress.progress_uri of the "
+        "stage's artifact); none when not given.",
+    )
 
     @property
     def needs_teacher(self) -> bool:
@@ -337,6 +343,9 @@ def train_worker(job_data: dict[str, Any]) -> None:
     job = TrainJob.model_validate(job_data)
     state = setup(job)
     progress = _progress(state.total, state.step) if state.rank == 0 else None
+    reported = ProgressWriter(
+        job.progress if state.rank == 0 else None, "train", state.total, "steps", start=state.step
+    )
     while state.step < state.total:
         epoch = state.step // state.per_epoch
         started = time.perf_counter()
@@ -348,6 +357,7 @@ def train_worker(job_data: dict[str, Any]) -> None:
                 f.write(json.dumps(line) + "\n")
             if progress is not None:
                 progress(state.step, parts.get("loss", 0.0))
+            reported.update(state.step, loss=parts.get("loss", 0.0))
             if state.step % job.checkpoint_every == 0 or state.step == state.total:
                 save_checkpoint(state)
     if state.rank == 0:
@@ -628,6 +638,7 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         data=str(generated / TRAIN_FILE),
         output=str(context.work / f"train-{stage.fingerprint}"),
         train=spec.train,
+        progress=progress_uri(context.artifact(context.current)),
     )
     model = run(job)
     shutil.copytree(model, folder / FINAL_MODEL)
