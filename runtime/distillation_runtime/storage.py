@@ -345,6 +345,11 @@ def _download_prefix(uri: str, cache_dir: Path, *, metadata_only: bool = False) 
 # --------------------------------------------------------------------------------------------
 
 
+def folder_bytes(folder: Path) -> int:
+    """Size on disk of every file under ``folder`` (a model's weights, config, tokenizer)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def _partial_sibling(dest: Path) -> Path:
     return dest.with_name(f"{dest.name}.partial-{secrets.token_hex(4)}")
 

@@ -80,6 +80,23 @@ def test_a_copy_of_the_teacher_keeps_everything_and_passes(models: Path) -> None
     card = (out / MODEL_CARD).read_text()
     assert "PASSED the quality gate" in card
     assert "teacher's mistakes" in card
+    # the cost beside the quality, measured on this hardware
+    cost = report["cost"]
+    assert cost["teacher"]["parameters"] == cost["student"]["parameters"] > 0  # the same model
+    assert cost["ratio"]["parameters"] == pytest.approx(1.0)
+    assert cost["student"]["tokens_per_second"] > 0
+    assert "| parameters |" in card
+    assert "| quality kept (tokenF1) | 1.00 | 1.00 | gate: 0.95 |" in card
+
+
+def test_a_smaller_student_reports_what_it_saves(models: Path) -> None:
+    report = run(job(models, "stranger", "stranger-cost"))
+    cost = report["cost"]
+    assert cost["ratio"]["parameters"] > 1.5  # hidden 64 x 2 layers over hidden 32 x 1 layer
+    assert cost["ratio"]["size"] > 1.5
+    assert cost["student"]["bytes_on_disk"] < cost["teacher"]["bytes_on_disk"]
+    card = (models / "stranger-cost" / MODEL_CARD).read_text()
+    assert f"{cost['ratio']['parameters']:.2f}x smaller" in card
 
 
 def test_a_stranger_fails_the_gate_and_says_why(models: Path) -> None:

@@ -9,7 +9,9 @@ Config in (``EvaluateJob``), one pass, artifacts out:
    expected answers when it has them; the student's perplexity on the teacher's answers (and the
    teacher's own, when its weights are given);
 4. retention per metric (student / teacher; teacher / student for perplexity) and the gate;
-5. ``report.json``, ``scores.png`` (teacher vs student), ``loss.png`` (from the train stage's
+5. the cost beside the quality: parameters, size on disk and tokens/s of both models on this
+   same hardware, and their ratios (what a user distils for);
+6. ``report.json``, ``scores.png`` (teacher vs student), ``loss.png`` (from the train stage's
    metrics when given) and a model card, ``README.md``.
 """
 
@@ -110,6 +112,31 @@ def _answer(
     return answers, speed
 
 
+def model_cost(model: Any, folder: str, speed: dict[str, float]) -> dict[str, float]:
+    """What serving a model costs: parameters, bytes on disk (compressed when quantised) and its
+    measured speed here."""
+    from distillation_runtime.demo import parameter_count
+    from distillation_runtime.storage import folder_bytes
+
+    return {
+        "parameters": parameter_count(model),
+        "bytes_on_disk": folder_bytes(Path(folder)),
+        **speed,
+    }
+
+
+def cost_ratios(teacher: dict[str, float], student: dict[str, float]) -> dict[str, float]:
+    """Teacher over student for sizes (4 = four times smaller), student over teacher for
+    speed (4 = four times the tokens per second on the same hardware)."""
+    ratios = {}
+    for key, name in (("parameters", "parameters"), ("bytes_on_disk", "size")):
+        if teacher.get(key) and student.get(key):
+            ratios[name] = teacher[key] / student[key]
+    if teacher.get("tokens_per_second") and student.get("tokens_per_second"):
+        ratios["speedup"] = student["tokens_per_second"] / teacher["tokens_per_second"]
+    return ratios
+
+
 def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
     """Every number of the report (pure apart from running the models)."""
     spec = job.evaluate
@@ -144,6 +171,10 @@ def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
             teacher_scores["perplexity"] = perplexity(teacher[0], teacher_records, job.batch_size)
     if teacher is not None:
         _, teacher_speed = _answer(*teacher, prompts, job)
+    cost = {"student": model_cost(student, job.student, student_speed)}
+    if teacher is not None and job.teacher is not None:
+        cost["teacher"] = model_cost(teacher[0], job.teacher, teacher_speed)
+        cost["ratio"] = cost_ratios(cost["teacher"], cost["student"])
 
     checks: dict[str, dict[str, float]] = {}
     if spec.checks is not None and spec.checks.pattern is not None:
@@ -171,6 +202,7 @@ def score(job: EvaluateJob, teacher_records: list[Record]) -> dict[str, Any]:
         "retention": retentions,
         "gate": asdict(gate),
         "speed": {"student": student_speed, "teacher": teacher_speed},
+        "cost": cost,
         "lineage": job.lineage,
         "examples": [
             {"prompt": p, "teacher": t, "student": s}
@@ -218,6 +250,49 @@ def plot_losses(metrics_file: Path, path: Path) -> None:
     plt.close(figure)
 
 
+def _count(value: float) -> str:
+    """1234567 -> 1.23M."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def cost_table(report: dict[str, Any]) -> str:
+    """One table a manager can read: what the student costs beside what it keeps."""
+    cost = report.get("cost") or {}
+    teacher, student, ratio = (
+        cost.get("teacher", {}),
+        cost.get("student", {}),
+        cost.get("ratio", {}),
+    )
+    gate = report["gate"]
+
+    def row(label: str, key: str, shown: Any, ratio_key: str | None, smaller: bool) -> str:
+        t = shown(teacher[key]) if key in teacher else "-"
+        s = shown(student[key]) if key in student else "-"
+        r = ratio.get(ratio_key or "")
+        relation = "" if r is None else f"{r:.2f}x {'smaller' if smaller else 'faster'}"
+        return f"| {label} | {t} | {s} | {relation} |"
+
+    rows = [
+        row("parameters", "parameters", _count, "parameters", True),
+        row("size on disk", "bytes_on_disk", lambda b: _count(b) + "B", "size", True),
+        row(
+            "tokens/s (this hardware)", "tokens_per_second", lambda v: f"{v:.1f}", "speedup", False
+        ),
+        row("seconds per prompt", "seconds_per_prompt", lambda v: f"{v:.3f}", None, False),
+    ]
+    kept = gate.get("retention")
+    quality = (
+        f"| quality kept ({gate['metric']}) | 1.00 | {kept:.2f} | gate: {gate['threshold']} |"
+        if kept is not None
+        else f"| quality kept ({gate['metric']}) | - | - | not measured |"
+    )
+    header = "| | teacher | student | student vs teacher |\n|---|---|---|---|"
+    return "\n".join([header, *rows, quality])
+
+
 def model_card(report: dict[str, Any]) -> str:
     """The student's model card: lineage, data, metrics, gate, and honest limits."""
     rows = "\n".join(
@@ -232,6 +307,9 @@ def model_card(report: dict[str, Any]) -> str:
     return f"""# Distilled student
 
 {"PASSED" if gate["passed"] else "FAILED"} the quality gate: {gate["message"]}.
+
+## Cost and quality
+{cost_table(report)}
 
 ## Lineage
 {lineage}
@@ -275,6 +353,24 @@ def student_source(context: StageContext, stage: str) -> str:
     return sources[0]
 
 
+def cost_metrics(cost: dict[str, Any]) -> dict[str, float]:
+    """The cost figures for status.metrics (camelCase, beside the quality ones)."""
+    names = {
+        "parameters": "parameters",
+        "bytes_on_disk": "bytesOnDisk",
+        "tokens_per_second": "tokensPerSecond",
+    }
+    found = {
+        f"{side}.{name}": cost[side][key]
+        for side in ("teacher", "student")
+        for key, name in names.items()
+        if key in cost.get(side, {})
+    }
+    ratio_names = {"parameters": "parameterRatio", "size": "sizeRatio", "speedup": "speedup"}
+    found.update({ratio_names[k]: v for k, v in cost.get("ratio", {}).items()})
+    return found
+
+
 def execute(context: StageContext, folder: Path) -> StageResult:
     """The stage: the student of the planned stage being run, against the teacher."""
     return evaluate_student(context, folder, student_source(context, context.current))
@@ -316,6 +412,7 @@ def evaluate_student(context: StageContext, folder: Path, source: str) -> StageR
         "retention": gate["retention"],
         **{f"student.{k}": v for k, v in report["student"].items()},
         **{f"teacher.{k}": v for k, v in report["teacher"].items()},
+        **cost_metrics(report["cost"]),
     }
     inputs = {source: context.artifact(source), "generate": context.artifact("generate")}
     return StageResult(metrics, inputs)

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distillation_runtime.spec import QuantizeSpec, QuantScheme
 from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
+from distillation_runtime.storage import folder_bytes
 
 REPORT_FILE = "quantize.json"
 ALWAYS_IGNORED = "lm_head"
@@ -184,11 +185,6 @@ def calibration_rows(path: str, samples: int, max_seq_length: int) -> list[dict[
         ids = [*record.prompt_ids, *record.response_ids][:max_seq_length]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
     return rows
-
-
-def folder_bytes(folder: Path) -> int:
-    """Size on disk of every file under ``folder``."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def run(job: QuantizeJob) -> QuantizeResult:
