@@ -90,3 +90,75 @@ def test_runtime_image_runs_the_generate_stage_of_the_tiny_example(
     assert rows == 40
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest, "the stage wrote an empty manifest"
+
+
+KUBERAY_WAY = r"""
+set -eu
+ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 --num-cpus=1 >/tmp/ray.log 2>&1
+python - <<'PY'
+import time, urllib.request
+# KubeRay's default head readiness probe: the dashboard agent's raylet check and the GCS check
+for url in ("http://127.0.0.1:52365/api/local_raylet_healthz",
+            "http://127.0.0.1:8265/api/gcs_healthz"):
+    for _ in range(60):
+        try:
+            body = urllib.request.urlopen(url, timeout=2).read().decode()
+            if "success" in body:
+                print("probe ok", url)
+                break
+        except OSError:
+            pass
+        time.sleep(1)
+    else:
+        raise SystemExit(f"probe never answered success: {url}")
+PY
+ray job submit --address http://127.0.0.1:8265 -- "$ENTRYPOINT"
+ray stop --force >/dev/null 2>&1 || true
+"""
+
+
+def test_a_stage_runs_through_rays_job_api_as_kuberay_submits_it(
+    runtime_image: Image, tmp_path: Path
+) -> None:
+    """What KubeRay does with a RayJob: `ray start --head` in the image, its readiness probes'
+    endpoints answering, and `ray job submit` of the entrypoint the operator builds (the
+    preflight, with its planned --artifact URI), whose artifact lands where it was planned."""
+    from distillation_operator.api import DistillationSpec
+    from distillation_operator.builders.rayjob import entrypoint
+    from distillation_runtime.plan import make_plan
+
+    data = tmp_path / "data"
+    prepare_tiny(data, prompts=20)
+    spec = yaml.safe_load((TINY / "spec.yaml").read_text())
+    spec["teacher"]["model"] = "/data/teacher"
+    spec["student"]["model"] = "/data/student"
+    spec["dataset"]["prompts"] = "/data/prompts.jsonl"
+    spec["output"] = "/data/artifacts"
+    plan = make_plan(DistillationSpec.model_validate(spec).pipeline())
+    # the spec from a file rather than the runtime environment (that is the Ray job's env)
+    command = entrypoint("preflight", plan).replace(
+        "--config-env DISTILL_SPEC", "--config /data/spec.yaml"
+    )
+    (data / "spec.yaml").write_text(yaml.safe_dump(spec))
+    for path in [data, *data.rglob("*")]:  # the stage runs as the image's non-root user
+        os.chown(path, UID, UID)
+
+    done = podman(
+        "run",
+        "--rm",
+        "--shm-size=1g",
+        f"--volume={data}:/data:rw",
+        f"--env=ENTRYPOINT={command}",
+        "--entrypoint=bash",
+        runtime_image.ref,
+        "-c",
+        KUBERAY_WAY,
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert output.count("probe ok") == 2, output
+    assert "succeeded" in output.lower(), output  # ray job submit's own verdict
+    artifact = data / plan.artifact("preflight").removeprefix("/data/")
+    assert (artifact / "_COMPLETE").exists(), output
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["metrics"]["specProblems"] == []
