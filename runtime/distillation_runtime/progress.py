@@ -1,10 +1,12 @@
 """Where a running stage is, written beside its artifact for the operator (and anyone) to read.
 
 A 10-hour train stage must not look frozen: the stage writes a small JSON record (steps or rows
-done of how many, the current loss, an ETA) to ``<artifact>.progress.json`` (beside the artifact,
-which is only published when the stage ends) at most every ``WRITE_EVERY_SECONDS`` and at its
-last step. The operator reads it while the stage runs and shows it in status (one status write
-per stage per 30 s at most). Light on purpose (the operator imports it): json, time, storage.
+done of how many, the current loss, an ETA) to ``<output>/_progress/<stage>-<fingerprint>.json``
+(apart from the artifact, which is only published when the stage ends, and from the
+``<stage>-*`` names that globs over artifacts match) at most every ``WRITE_EVERY_SECONDS`` and
+at its last step. The operator reads it while the stage runs and shows it in status (one status
+write per stage per 30 s at most). Light on purpose (the operator imports it): json, time,
+storage.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-PROGRESS_SUFFIX = ".progress.json"
+PROGRESS_FOLDER = "_progress"
 WRITE_EVERY_SECONDS = 10.0
 """Seconds between two writes of one stage's record (the last step is always written)."""
 
 
 def progress_uri(artifact: str) -> str:
-    """Where the stage writing ``artifact`` says how far it is."""
-    return artifact.rstrip("/") + PROGRESS_SUFFIX
+    """Where the stage writing ``artifact`` (``<output>/<stage>-<fingerprint>``) says how far
+    it is: ``<output>/_progress/<stage>-<fingerprint>.json``."""
+    output, _, name = artifact.rstrip("/").rpartition("/")
+    return f"{output}/{PROGRESS_FOLDER}/{name}.json"
 
 
 def eta_seconds(done: int, total: int | None, start: int, elapsed: float) -> int | None:

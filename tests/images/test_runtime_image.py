@@ -123,9 +123,9 @@ def test_a_stage_runs_through_rays_job_api_as_kuberay_submits_it(
     """What KubeRay does with a RayJob: `ray start --head` in the image, its readiness probes'
     endpoints answering, and `ray job submit` of the entrypoint the operator builds (the
     preflight, with its planned --artifact URI), whose artifact lands where it was planned."""
-    from distillation_operator.api import DistillationSpec
     from distillation_operator.builders.rayjob import entrypoint
     from distillation_runtime.plan import make_plan
+    from distillation_runtime.spec import PipelineSpec
 
     data = tmp_path / "data"
     prepare_tiny(data, prompts=20)
@@ -134,7 +134,7 @@ def test_a_stage_runs_through_rays_job_api_as_kuberay_submits_it(
     spec["student"]["model"] = "/data/student"
     spec["dataset"]["prompts"] = "/data/prompts.jsonl"
     spec["output"] = "/data/artifacts"
-    plan = make_plan(DistillationSpec.model_validate(spec).pipeline())
+    plan = make_plan(PipelineSpec.model_validate(spec))  # local paths: the container's /data
     # the spec from a file rather than the runtime environment (that is the Ray job's env)
     command = entrypoint("preflight", plan).replace(
         "--config-env DISTILL_SPEC", "--config /data/spec.yaml"

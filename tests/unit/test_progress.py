@@ -29,7 +29,7 @@ def test_the_eta_counts_from_where_a_resumed_run_started() -> None:
 
 def test_writes_are_throttled_but_the_last_step_is_always_written(tmp_path: Path) -> None:
     uri = progress_uri(str(tmp_path / "out" / "train-abc"))
-    assert uri.endswith("train-abc.progress.json")
+    assert uri == f"{tmp_path}/out/_progress/train-abc.json"  # apart from the artifacts
     clock = Clock()
     writer = ProgressWriter(uri, "train", 10, "steps", every=10.0, clock=clock)
     clock.now += 1
@@ -48,15 +48,15 @@ def test_writes_are_throttled_but_the_last_step_is_always_written(tmp_path: Path
     clock.now += 0.1
     writer.update(10, loss=0.9)
     assert read_progress(uri)["done"] == 10  # type: ignore[index]
-    assert not list((tmp_path / "out").glob("*.partial"))  # replaced whole
+    assert not list((tmp_path / "out" / "_progress").glob("*.partial"))  # replaced whole
 
 
 def test_no_uri_writes_nothing_and_a_bad_record_reads_as_none(tmp_path: Path) -> None:
     ProgressWriter(None, "train", 3, "steps").update(3)
     assert list(tmp_path.iterdir()) == []
-    broken = tmp_path / "x.progress.json"
+    broken = tmp_path / "x.json"
     broken.write_text("{not json")
     assert read_progress(str(broken)) is None
-    assert read_progress(str(tmp_path / "missing.progress.json")) is None
+    assert read_progress(str(tmp_path / "missing.json")) is None
     broken.write_text(json.dumps([1, 2]))
     assert read_progress(str(broken)) is None
