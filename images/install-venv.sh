@@ -49,5 +49,13 @@ python3 -m venv "$tools"
 
 export UV_PROJECT_ENVIRONMENT=/opt/venv UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
 cd "$src"
+# uv keeps the project's built wheel in its cache keyed by pyproject.toml, not by the code: without
+# a rebuild, an image of changed code would install the last build's wheel (seen: the runtime
+# image ran a stage as it was two commits before).
+project_flags=()
+case " $* " in
+  *" --no-install-project "*) ;;
+  *) project_flags=(--reinstall-package distillation-operator) ;;
+esac
 "$tools/bin/uv" sync --frozen --no-dev --no-editable --python "$(command -v python3)" \
-  "${flavor_flags[@]}" "$@"
+  "${flavor_flags[@]}" "${project_flags[@]}" "$@"

@@ -3,6 +3,7 @@ its artifacts written to a mounted folder as a RayJob's volume would hold them."
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +31,40 @@ def test_runtime_image_runs_distill(runtime_image: Image) -> None:
         "import importlib.metadata as m; print(m.version('distillation-operator'))",
     )
     assert version.stdout.strip() == project_version()
+
+
+SOURCE_DIGESTS = """
+import hashlib, pathlib, distillation_runtime, distillation_operator
+for package in (distillation_runtime, distillation_operator):
+    root = pathlib.Path(package.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        print(f"{package.__name__}/{path.relative_to(root)}",
+              hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def tree_digests() -> dict[str, str]:
+    """sha256 of every module of both packages in this checkout."""
+    found = {}
+    for package, folder in (
+        ("distillation_runtime", "runtime"),
+        ("distillation_operator", "operator"),
+    ):
+        root = REPO / folder / package
+        for path in sorted(root.rglob("*.py")):
+            found[f"{package}/{path.relative_to(root)}"] = hashlib.sha256(
+                path.read_bytes()
+            ).hexdigest()
+    return found
+
+
+def test_each_image_holds_this_checkouts_code(runtime_image: Image, quantize_image: Image) -> None:
+    """An image of changed code must run that code, not a cached build of an older tree."""
+    for image in (runtime_image, quantize_image):
+        done = podman("run", "--rm", "--entrypoint=python", image.ref, "-c", SOURCE_DIGESTS)
+        installed = dict(line.split() for line in done.stdout.splitlines() if line.strip())
+        stale = sorted(k for k, v in tree_digests().items() if installed.get(k) != v)
+        assert stale == [], f"{image.ref} holds other code than this checkout: {stale[:10]}"
 
 
 def test_quantize_image_imports_llm_compressor(quantize_image: Image) -> None:
@@ -112,7 +147,8 @@ for url in ("http://127.0.0.1:52365/api/local_raylet_healthz",
     else:
         raise SystemExit(f"probe never answered success: {url}")
 PY
-ray job submit --address http://127.0.0.1:8265 -- "$ENTRYPOINT"
+# as KubeRay's submitter does: the entrypoint string split into words after --
+ray job submit --address http://127.0.0.1:8265 -- $ENTRYPOINT
 ray stop --force >/dev/null 2>&1 || true
 """
 
