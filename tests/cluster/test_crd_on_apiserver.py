@@ -42,6 +42,7 @@ def test_samples_are_accepted_and_listed_with_printer_columns(
             "observedGeneration": 1,
             "currentStage": "train",
             "progress": "2/4",
+            "stageProgress": "train-45%",
             "metrics": {"retention": "0.97"},
             "conditions": [
                 {
@@ -66,10 +67,10 @@ def test_samples_are_accepted_and_listed_with_printer_columns(
         json.dumps(status),
     )
     table = plane.kubectl("get", "dist", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "READY", "STAGE", "PROGRESS", "RETENTION", "AGE"]
+    assert table[0].split() == ["NAME", "READY", "STAGE", "PROGRESS", "STEP", "RETENTION", "AGE"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert set(rows) == {"tiny-cpu", "support-8b"}
-    assert rows["tiny-cpu"][1:5] == ["False", "train", "2/4", "0.97"]
+    assert rows["tiny-cpu"][1:6] == ["False", "train", "2/4", "train-45%", "0.97"]
 
 
 def test_server_defaults_agree_with_the_models(
