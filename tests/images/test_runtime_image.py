@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
@@ -91,11 +92,10 @@ def prepare_tiny(work: Path, prompts: int) -> None:
     (work / "prompts.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_runtime_image_runs_the_generate_stage_of_the_tiny_example(
-    runtime_image: Image, tmp_path: Path
-) -> None:
-    data = tmp_path / "data"
-    prepare_tiny(data, prompts=40)
+def tiny_in_container(data: Path, prompts: int) -> dict[str, Any]:
+    """The tiny example under ``data`` with its spec pointing at ``/data`` (where ``data`` is
+    mounted in the container) and written to ``data/spec.yaml``, owned by the image's user."""
+    prepare_tiny(data, prompts)
     spec = yaml.safe_load((TINY / "spec.yaml").read_text())
     spec["teacher"]["model"] = "/data/teacher"
     spec["student"]["model"] = "/data/student"
@@ -104,6 +104,14 @@ def test_runtime_image_runs_the_generate_stage_of_the_tiny_example(
     (data / "spec.yaml").write_text(yaml.safe_dump(spec))
     for path in [data, *data.rglob("*")]:  # the stage runs as the image's non-root user
         os.chown(path, UID, UID)
+    return spec
+
+
+def test_runtime_image_runs_the_generate_stage_of_the_tiny_example(
+    runtime_image: Image, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    tiny_in_container(data, prompts=40)
 
     done = podman(
         "run",
@@ -164,20 +172,12 @@ def test_a_stage_runs_through_rays_job_api_as_kuberay_submits_it(
     from distillation_runtime.spec import PipelineSpec
 
     data = tmp_path / "data"
-    prepare_tiny(data, prompts=20)
-    spec = yaml.safe_load((TINY / "spec.yaml").read_text())
-    spec["teacher"]["model"] = "/data/teacher"
-    spec["student"]["model"] = "/data/student"
-    spec["dataset"]["prompts"] = "/data/prompts.jsonl"
-    spec["output"] = "/data/artifacts"
+    spec = tiny_in_container(data, prompts=20)
     plan = make_plan(PipelineSpec.model_validate(spec))  # local paths: the container's /data
     # the spec from a file rather than the runtime environment (that is the Ray job's env)
     command = entrypoint("preflight", plan).replace(
         "--config-env DISTILL_SPEC", "--config /data/spec.yaml"
     )
-    (data / "spec.yaml").write_text(yaml.safe_dump(spec))
-    for path in [data, *data.rglob("*")]:  # the stage runs as the image's non-root user
-        os.chown(path, UID, UID)
 
     done = podman(
         "run",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -38,3 +39,20 @@ def _quantize_environment(request: pytest.FixtureRequest) -> None:
     if os.environ.get("DISTILL_REQUIRE_QUANTIZE") == "1":
         pytest.fail(f"{MISSING_LLMCOMPRESSOR}; DISTILL_REQUIRE_QUANTIZE=1 forbids skipping")
     pytest.skip(MISSING_LLMCOMPRESSOR)
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh bucket on the moto server, with the AWS env vars pointing at it."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
+    yield name
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -15,7 +15,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,23 +275,6 @@ def test_a_model_that_cannot_be_loaded_stops_the_server_with_the_reason(tmp_path
     with pytest.raises(ServeError, match=r"cannot load model .*missing") as raised, server:
         pass
     assert raised.value.code == 2
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh bucket on the moto server, with the AWS variables pointing at it."""
-    import s3fs
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
-    yield name
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_distill_serve_fetches_an_s3_model_prints_its_url_and_answers(

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import uuid
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -34,23 +33,6 @@ from distillation_runtime.storage import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    """A fresh bucket on the moto server, with the AWS env vars pointing at it."""
-    import s3fs
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
-    yield name
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def model_folder(root: Path) -> Path:

@@ -374,22 +374,8 @@ def test_nothing_it_guards_starts_while_the_preflight_verdict_is_unreadable() ->
 
 
 def test_a_pipeline_finished_before_the_preflight_existed_runs_nothing_new() -> None:
-    obj = body(fresh=True)
-    spec = DistillationSpec.model_validate(obj["spec"])
-    plan = make_plan(spec.pipeline())
-    obj["status"] = {
-        "stages": [
-            {
-                "name": s.name,
-                "state": "Succeeded",
-                "fingerprint": s.fingerprint,
-                "artifact": plan.artifact(s.name),
-                "metrics": {"gatePassed": "true", "retention": "0.9"},
-            }
-            for s in plan.stages
-            if s.name != "preflight"
-        ]
-    }
+    obj = finished(body(fresh=True))
+    obj["status"]["stages"] = [s for s in obj["status"]["stages"] if s["name"] != "preflight"]
     actions = step(obj, [])
     assert actions.create == []
     assert obj["status"]["phase"] == "Succeeded"
