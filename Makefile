@@ -78,6 +78,11 @@ upstream-crds: ## Check that the upstream KubeRay/KServe CRDs the cluster tests 
 cluster-up: tools ## Start a control plane in /tmp/distill-cluster for manual use (Ctrl-C stops it).
 	$(DISTILL_TOOLS_BIN)/testcluster up --dir /tmp/distill-cluster --exit-with-parent=false
 
+# DEMO_ARGS=--keep-serving keeps the student's server and the control plane up until Ctrl-C.
+.PHONY: demo
+demo: venv tools upstream-crds ## kubectl apply a tiny Distillation here and watch it served (KubeRay and KServe stand-ins).
+	$(BIN)/python hack/demo/run.py --cache $(CACHE_DIR)/demo $(DEMO_ARGS)
+
 # llm-compressor pins transformers, torch and compressed-tensors below what vLLM takes: the
 # quantize stage has its own environment (and image), beside the main one.
 VENV_QUANTIZE ?= $(CACHE_DIR)/venv-quantize
