@@ -21,8 +21,8 @@ BIN := $(VENV)/bin
 # The Go-built test control plane, kubectl and helm (hack/build-tools.sh).
 export DISTILL_TOOLS_DIR ?= $(CACHE_DIR)/tools
 export DISTILL_TOOLS_BIN := $(DISTILL_TOOLS_DIR)/bin
-# Upstream KubeRay and KServe CRDs, unmodified (see ../shared/crds/README.md).
-export DISTILL_UPSTREAM_CRDS ?= $(abspath $(CURDIR)/../shared/crds)
+# Upstream KubeRay and KServe CRDs, vendored unmodified (see third_party/crds/README.md).
+export DISTILL_UPSTREAM_CRDS ?= $(abspath $(CURDIR)/third_party/crds)
 
 .PHONY: help
 help: ## List the targets.
@@ -69,7 +69,7 @@ upstream-crds: ## Check that the upstream KubeRay/KServe CRDs the cluster tests 
 	  if [ ! -d "$(DISTILL_UPSTREAM_CRDS)/$$d" ]; then \
 	    echo "missing $(DISTILL_UPSTREAM_CRDS)/$$d: set DISTILL_UPSTREAM_CRDS to a folder with" >&2; \
 	    echo "kuberay-v1.5.0/ (KubeRay v1.5.0, ray-operator/config/crd/bases) and" >&2; \
-	    echo "kserve-v0.20.0/ (KServe v0.20.0, config/crd/full), from those upstream releases" >&2; \
+	    echo "kserve-v0.20.0/ (KServe v0.20.0, config/crd/full), laid out as third_party/crds/" >&2; \
 	    exit 1; \
 	  fi; \
 	done; echo "upstream CRDs: $(DISTILL_UPSTREAM_CRDS)"

@@ -151,6 +151,37 @@ def feasibility_problems(spec: DistillationSpec, plan: Plan) -> list[str]:
             f"spec.serve.gpus is 0 but spec.quantize.scheme is {scheme}: vLLM runs "
             "compressed-tensors checkpoints on GPUs only; set serve.gpus >= 1 or drop quantize"
         )
+    problems += training_problems(spec)
+    if spec.serve is not None and spec.serve.gpus == 0 and spec.serve.args:
+        problems.append(
+            f"spec.serve.args {list(spec.serve.args)} are vLLM flags, but with spec.serve.gpus 0 "
+            "the student is served by `distill serve` (transformers on the CPU), which takes "
+            "none: remove serve.args or give serve.gpus >= 1"
+        )
+    return problems
+
+
+def training_problems(spec: DistillationSpec) -> list[str]:
+    """Ray Train settings no cluster runs: its workers on separate disks, or fewer pods than
+    workers (Ray Train would wait for the missing ones forever)."""
+    workers = spec.train.workers
+    if workers <= 1 or spec.placement.cluster_selector:
+        return []
+    problems = []
+    if not spec.output.startswith("pvc://"):
+        problems.append(
+            f"spec.train.workers is {workers} with spec.output {spec.output}: Ray Train's rank 0 "
+            "saves checkpoints and the model where every Ray pod can read them, so the output "
+            "must be a pvc:// claim every pod mounts (ReadWriteMany); use a pvc:// output or "
+            "train.workers: 1"
+        )
+    pods = stage_workers(spec, "train").replicas
+    if pods is not None and pods < workers:
+        problems.append(
+            f"spec.train.workers is {workers} but the train stage has {pods} worker pod(s) "
+            "(placement.stages.train.replicas, else placement.workers.replicas): Ray Train puts "
+            "one worker on each pod; give it at least train.workers pods"
+        )
     return problems
 
 

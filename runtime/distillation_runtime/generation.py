@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distillation_runtime.records import Record
@@ -28,6 +29,21 @@ class SamplingConfig:
     samples: int = 1
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
+
+
+def load_for_inference(folder: str | Path) -> tuple[Any, Any]:
+    """A model ready to answer, and its tokenizer: on this process's GPU when it has one (a Ray
+    task on a GPU worker sees its own), in the checkpoint's dtype there; fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model: Any
+    if torch.cuda.is_available():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        model = model.to("cuda")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

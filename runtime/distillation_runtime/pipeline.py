@@ -3,7 +3,8 @@
 Each stage reads its inputs' artifacts, works in a local folder, and publishes
 ``<output>/<stage>-<fingerprint>/`` with a manifest, the completion marker last
 (``storage.write_artifact``). The train stage works in a stable folder
-(``<work>/train-<fingerprint>``), so a run killed mid-training resumes from its last checkpoint.
+(``<output>/_work/train-<fingerprint>`` on a file system, else ``<work>/train-<fingerprint>``),
+so a run killed mid-training resumes from its last checkpoint.
 
 The same stage functions run inside the operator's RayJobs (``distill stage``); only where the
 inputs come from differs.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from distillation_runtime.plan import Plan, Stage, make_plan
+from distillation_runtime.raycluster import WorkerNode, cluster_workers, in_ray_job, ran_on, run_on
 from distillation_runtime.spec import PipelineSpec, SpecError
 from distillation_runtime.stages import definition, spec_problems
 from distillation_runtime.stages.base import resolve
@@ -110,8 +112,29 @@ class Runner:
         return dict(read_manifest(self.artifact(name)).get("metrics", {}))
 
     def run_stage(self, stage: Stage) -> StageOutcome:
-        """Run one stage in a staging folder and publish it as its artifact (manifest, then the
-        completion marker)."""
+        """Run one stage and publish its artifact. In a Ray job's driver (on the head, which has
+        no CPUs or GPUs to work with), a stage that does not spread its own work over Ray
+        workers is sent whole to a worker node (``raycluster``)."""
+        node = self.worker_for(stage)
+        if node is None:
+            return self.run_stage_here(stage)
+        self.log(
+            f"{stage.name}: on Ray worker node {node.address} ({node.cpus:g} CPUs, "
+            f"{node.gpus:g} GPUs)"
+        )
+        return run_on(node, run_stage_on_worker, self.spec, self.artifacts, stage.name)
+
+    def worker_for(self, stage: Stage) -> WorkerNode | None:
+        """The node to send ``stage`` to; None to run it in this process (no Ray job, a stage
+        that spreads its own work, or a cluster with no worker nodes: the preflight's)."""
+        if not in_ray_job() or stage.definition.spreads(self.spec):
+            return None
+        nodes = cluster_workers()
+        return nodes[0] if nodes else None
+
+    def run_stage_here(self, stage: Stage) -> StageOutcome:
+        """Run one stage in a staging folder in this process and publish it as its artifact
+        (manifest, then the completion marker)."""
         from distillation_runtime.storage import make_manifest, staging_dir, write_artifact
 
         uri = self.artifact(stage.name)
@@ -124,9 +147,16 @@ class Runner:
                 stage.name, stage.config, result.inputs, result.metrics, started, finished
             )
             manifest["fingerprint"] = stage.fingerprint
+            manifest["ranOn"] = ran_on()
             write_artifact(uri, folder, manifest)
         seconds = (finished - started).total_seconds()
         return StageOutcome(stage.name, "ran", uri, seconds, result.metrics)
+
+
+def run_stage_on_worker(spec: PipelineSpec, artifacts: dict[str, str], name: str) -> StageOutcome:
+    """``Runner.run_stage``'s Ray task on a worker node: the same stage, run there."""
+    runner = Runner(spec, artifacts=artifacts)
+    return runner.run_stage_here(runner.plan[name])
 
 
 def results_table(outcomes: list[StageOutcome]) -> str:

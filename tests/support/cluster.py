@@ -30,7 +30,7 @@ DEFAULT_TOOLS_BIN = (
     / "tools"
     / "bin"
 )
-UPSTREAM_CRDS = Path(os.environ.get("DISTILL_UPSTREAM_CRDS", REPO.parent / "shared" / "crds"))
+UPSTREAM_CRDS = Path(os.environ.get("DISTILL_UPSTREAM_CRDS", REPO / "third_party" / "crds"))
 KUBERAY_CRDS = UPSTREAM_CRDS / "kuberay-v1.5.0"
 KSERVE_CRDS = UPSTREAM_CRDS / "kserve-v0.20.0"
 OUR_CRD = REPO / "crds" / "distillation.dev_distillations.yaml"

@@ -268,6 +268,43 @@ def test_a_spec_the_cluster_cannot_run_is_stalled_without_children() -> None:
     assert [e.reason for e in actions.events] == ["InvalidSpec"]
 
 
+def test_several_train_workers_need_a_shared_output_and_a_pod_each() -> None:
+    obj = body(train={"workers": 2}, placement={"stages": {"train": {"replicas": 1}}})
+    step(obj, [])
+    message = conditions(obj)["Ready"]["message"]
+    assert conditions(obj)["Ready"]["reason"] == "InvalidSpec"
+    assert "spec.train.workers is 2 with spec.output s3://b/out" in message
+    assert "the train stage has 1 worker pod(s)" in message
+    fine = body(train={"workers": 2}, output="pvc://artifacts/run")
+    assert step(fine, []).create  # the preflight passed: the first stages start
+
+
+def test_a_cpu_served_student_runs_distill_serve_of_the_runtime_image() -> None:
+    from distillation_operator.builders.inference_service import build_inference_service
+
+    def container(**serve: Any) -> dict[str, Any]:
+        obj = body(serve=serve)
+        model = DistillationSpec.model_validate(obj["spec"])
+        built = build_inference_service(obj, model, "s3://b/out/train-x/model", IMAGES)
+        found: dict[str, Any] = built["spec"]["predictor"]["containers"][0]
+        return found
+
+    cpu = container(gpus=0)
+    assert cpu["image"] == IMAGES.runtime
+    assert cpu["command"] == ["distill", "serve"]
+    assert cpu["args"][:3] == ["/mnt/models", "--host", "0.0.0.0"]
+    assert cpu["args"][-2:] == ["--served-model-name", "demo"]
+    assert "resources" not in cpu or "nvidia.com/gpu" not in str(cpu["resources"])
+    gpu = container(gpus=1)
+    assert gpu["image"] == IMAGES.vllm
+    assert gpu["command"][-1] == "vllm.entrypoints.openai.api_server"
+    refused = body(serve={"gpus": 0, "args": ["--enforce-eager"]})
+    step(refused, [])
+    assert (
+        "serve.args ['--enforce-eager'] are vLLM flags" in conditions(refused)["Ready"]["message"]
+    )
+
+
 def test_storage_is_read_only_for_stages_that_can_use_it() -> None:
     obj = body()
     spec = DistillationSpec.model_validate(obj["spec"])

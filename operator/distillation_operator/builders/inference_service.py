@@ -1,4 +1,5 @@
-"""The KServe ``InferenceService`` (``serving.kserve.io/v1beta1``) serving the student with vLLM.
+"""The KServe ``InferenceService`` (``serving.kserve.io/v1beta1``) serving the student with vLLM
+(``distill serve`` of the runtime image when ``serve.gpus`` is 0).
 
 A custom predictor container runs vLLM's OpenAI-compatible server. KServe's storage initializer
 downloads the model named by the container's ``STORAGE_URI`` (s3://, gs://, pvc://, hf://) to
@@ -109,6 +110,32 @@ def compute_capability_affinity(capability: str) -> dict[str, Any]:
     }
 
 
+def predictor_command(serve: ServeSpec, images: Images, served_name: str) -> dict[str, Any]:
+    """Image, command and arguments of the predictor container. With GPUs, vLLM's OpenAI
+    server. With ``serve.gpus: 0``, ``distill serve`` of the runtime image (transformers on the
+    CPU, the same OpenAI routes): vLLM's image is built for GPUs and does not start without
+    one."""
+    if serve.gpus == 0:
+        return {
+            "image": serve.image or images.runtime,
+            "command": ["distill", "serve"],
+            "args": [
+                MODEL_DIR,
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(SERVING_PORT),
+                "--served-model-name",
+                served_name,
+            ],
+        }
+    return {
+        "image": serve.image or images.vllm,
+        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+        "args": vllm_args(serve, served_name),
+    }
+
+
 def build_inference_service(
     body: dict[str, Any],
     spec: DistillationSpec,
@@ -122,9 +149,7 @@ def build_inference_service(
     env = [{"name": "STORAGE_URI", "value": model_uri}, *hub_token_env(spec)]
     container = {
         "name": "kserve-container",
-        "image": serve.image or images.vllm,
-        "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        "args": vllm_args(serve, body["metadata"]["name"]),
+        **predictor_command(serve, images, body["metadata"]["name"]),
         "env": env,
         "ports": [{"containerPort": SERVING_PORT, "protocol": "TCP"}],
         "resources": container_resources(

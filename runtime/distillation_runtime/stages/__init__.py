@@ -189,6 +189,7 @@ STAGES: list[StageDefinition] = [
         inputs=_train_inputs,
         placement_doc="Training workers.",
         default_workers=lambda spec: spec.train.workers,
+        spreads=lambda spec: spec.train.workers > 1,
         roles=frozenset({Role.STUDENT}),
         results=("finalLoss", "steps"),
     ),

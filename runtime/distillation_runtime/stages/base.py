@@ -96,6 +96,10 @@ def _none(spec: PipelineSpec) -> tuple[str, ...]:
     return ()
 
 
+def _never(spec: PipelineSpec) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class StageDefinition:
     """One row of the stage table (``distillation_runtime.stages.STAGES``)."""
@@ -137,6 +141,10 @@ class StageDefinition:
     shared_placement: bool = True
     """Whether ``placement.workers`` sizes its pods too; the CPU-only preflight takes only its own
     ``placement.stages`` section (no GPU is held for a config check)."""
+    spreads: Callable[[PipelineSpec], bool] = _never
+    """Whether the stage spreads its work over several Ray workers itself (Ray Train with
+    ``train.workers > 1``). Such a stage runs in the RayJob's driver on the head; every other
+    stage is sent whole to one worker node (``distillation_runtime.raycluster``)."""
 
     @property
     def placement_section(self) -> str:

@@ -75,6 +75,7 @@ def perplexity(model: Any, records: list[Record], batch_size: int) -> float:
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     for start in range(0, len(records), batch_size):
         batch = collate(records[start : start + batch_size], pad, max_length=1_000_000)
+        batch = batch.to(model.device)
         with torch.no_grad():
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logprobs = logits.float().log_softmax(-1).gather(-1, batch.targets.unsqueeze(-1))
@@ -84,10 +85,10 @@ def perplexity(model: Any, records: list[Record], batch_size: int) -> float:
 
 
 def _load(folder: str) -> tuple[Any, Any]:
-    """A model and its tokenizer, loaded once per evaluation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A model and its tokenizer, loaded once per evaluation (on the GPU when there is one)."""
+    from distillation_runtime.generation import load_for_inference
 
-    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    return load_for_inference(folder)
 
 
 def _answer(

@@ -2,7 +2,9 @@
 
 Config in, one pass, records out (``train.parquet`` and ``eval.parquet``, see ``records.py``):
 
-- Ray Data spreads the prompts over generator actors, each loading the teacher once;
+- one generator in this process with every core or its GPU (the stage runs whole on a Ray
+  worker node in a cluster, see ``raycluster``); with ``actors > 1``, Ray Data spreads the
+  prompts over that many generator actors, each loading the teacher once;
 - backend ``transformers`` (batched, left-padded, KV cache; ``generation.generate``) or ``vllm``
   (``vllm.LLM`` with ``SamplingParams(logprobs=k)``, tensor parallelism, prefix caching), chosen
   automatically: vLLM when it is importable and a GPU is there;
@@ -16,6 +18,7 @@ plain functions tested without a GPU, and ``bench/gpu_check.py`` runs the real t
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,12 +104,9 @@ class TransformersGenerator:
     """A Ray Data actor: loads the teacher once, answers batches of prompts."""
 
     def __init__(self, teacher: str, spec: dict[str, Any]) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from distillation_runtime.generation import SamplingConfig, load_for_inference
 
-        from distillation_runtime.generation import SamplingConfig
-
-        self.tokenizer = AutoTokenizer.from_pretrained(teacher)
-        self.model = AutoModelForCausalLM.from_pretrained(teacher)
+        self.model, self.tokenizer = load_for_inference(teacher)
         generate = GenerateSpec.model_validate(spec)
         self.config = SamplingConfig(
             max_new_tokens=generate.max_new_tokens,
@@ -182,8 +182,12 @@ def run(
 
     from distillation_runtime.records import write_parquet
 
-    backend = choose_backend(
-        spec.backend, importlib.util.find_spec("vllm") is not None, torch.cuda.device_count()
+    vllm_importable, gpus = importlib.util.find_spec("vllm") is not None, torch.cuda.device_count()
+    backend = choose_backend(spec.backend, vllm_importable, gpus)
+    print(
+        f"generate: backend {backend} (asked {spec.backend.value}; vllm importable: "
+        f"{vllm_importable}, GPUs here: {gpus})",
+        file=sys.stderr,
     )
     started = time.perf_counter()
     reported = ProgressWriter(
@@ -192,6 +196,8 @@ def run(
     reported.update(0)
     if backend == "vllm":
         rows = _generate_vllm(teacher, prompts, spec, tensor_parallel_size)
+    elif actors == 1:
+        rows = _generate_here(teacher, prompts, spec, reported)
     else:
         rows = _generate_ray_data(teacher, prompts, spec, actors, reported)
     reported.update(len(rows))
@@ -213,6 +219,29 @@ def run(
         bytes_per_token=size / tokens if tokens else 0.0,
         backend=backend,
     )
+
+
+def _generate_here(
+    teacher: str, prompts: Sequence[PromptItem], spec: GenerateSpec, reported: ProgressWriter
+) -> list[tuple[str, Record]]:
+    """One generator in this process, with every core (or this process's GPU): no Ray actor
+    holding one CPU, and no actor to wait for inside a Ray task that already holds its node."""
+    generator = TransformersGenerator(teacher, spec.model_dump(mode="json", by_alias=True))
+    rows: list[tuple[str, Record]] = []
+    for start in range(0, len(prompts), spec.batch_size):
+        chunk = prompts[start : start + spec.batch_size]
+        columns = generator(
+            {
+                "prompt": [p.text for p in chunk],
+                "split": [p.split for p in chunk],
+                "reference": [p.reference for p in chunk],
+            }
+        )
+        for i, split in enumerate(columns["split"]):
+            fields = {name: columns[name][i] for name in _COLUMNS if name != "split"}
+            rows.append((str(split), Record(**fields)))
+        reported.update(len(rows))
+    return rows
 
 
 def _generate_ray_data(

@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillation_runtime.progress import ProgressWriter, progress_uri
+from distillation_runtime.raycluster import TrainWorkers, in_ray_job
 from distillation_runtime.spec import LogitSource, TrainSpec
 from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
+from distillation_runtime.storage import parse_uri
 
 if TYPE_CHECKING:
     from distillation_runtime.losses import LogitLossOptions
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = MODEL_DIR
 METRICS_FILE = "metrics.jsonl"
+WORK_FOLDER = "_work"
+"""Under the output store: stages' resumable work in progress (training's checkpoints)."""
 
 
 class TrainJob(BaseModel):
@@ -596,20 +600,33 @@ def run(job: TrainJob, *, use_ray: bool | None = None) -> Path:
 
 
 def _run_with_ray(job: TrainJob) -> None:
+    """``train.workers`` Ray Train workers. In a Ray job they are sized by the worker pods (the
+    driver runs on the head, whose lack of GPUs says nothing about them); on a local Ray, by
+    this machine."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
-    import torch
+    from distillation_runtime.raycluster import cluster_workers, in_ray_job, train_workers
 
-    use_gpu = torch.cuda.is_available()
+    if in_ray_job():
+        sizing = train_workers(cluster_workers())
+    else:
+        import torch
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=True)
+        gpu = torch.cuda.is_available()
+        sizing = TrainWorkers(gpu, {"CPU": 1.0} | ({"GPU": 1.0} if gpu else {}))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job.model_dump(mode="json"),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=job.train.workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if sizing.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=job.train.workers,
+            use_gpu=sizing.use_gpu,
+            resources_per_worker=sizing.resources_per_worker,
+        ),
         run_config=RunConfig(
             name="train",
             storage_path=str(Path(job.output).resolve() / "ray"),
@@ -619,24 +636,50 @@ def _run_with_ray(job: TrainJob) -> None:
     trainer.fit()
 
 
+def training_folder(artifact: str, scratch: Path) -> Path:
+    """Where training keeps its checkpoints and final model until the artifact is published.
+
+    Beside the artifacts (``<output>/_work/train-<fingerprint>``) when the output store is a
+    file system every pod mounts (``pvc://``, a path): a new pod resumes from the last
+    checkpoint, and every Ray Train worker (rank 0 saves) writes where the driver reads. On an
+    object store (``s3://``), the pod's scratch folder ``scratch``."""
+    location = parse_uri(artifact)
+    name = artifact.rstrip("/").rpartition("/")[2]
+    if location.is_local:
+        return location.local_path().parent / WORK_FOLDER / name
+    return scratch / name
+
+
+def check_shared_output(spec: TrainSpec, artifact: str, in_ray_job: bool) -> None:
+    """Several Ray Train workers in a cluster need an output every pod mounts: rank 0's model
+    and checkpoints on one worker pod's disk would never reach the driver on the head."""
+    if in_ray_job and spec.workers > 1 and not parse_uri(artifact).is_local:
+        raise ValueError(
+            f"train.workers is {spec.workers} with the output on an object store ({artifact}): "
+            "rank 0 would save the model on its own pod's disk. Use a pvc:// output on a "
+            "ReadWriteMany claim that every Ray pod mounts, or train.workers: 1."
+        )
+
+
 def execute(context: StageContext, folder: Path) -> StageResult:
     """The stage: train the student (given, or the pruned teacher) on the teacher's records.
-    Works in a stable folder (``<work>/train-<fingerprint>``), so a killed run resumes from its
-    last checkpoint; the final model and the metrics are copied into ``folder``."""
+    Works in a stable folder (``training_folder``: under the output store's ``_work/`` when
+    every pod mounts it), so a killed run or a new pod resumes from the last checkpoint; the
+    final model and the metrics are copied into ``folder``."""
     from distillation_runtime.stages.generate import TRAIN_FILE
 
     spec = context.spec
-    stage = context.plan[context.current]
     generated = context.local(context.artifact("generate"))
     if spec.student.model is not None:
         student = context.local(spec.student.model)
     else:
         student = context.local(context.artifact("prune")) / MODEL_DIR
+    check_shared_output(spec.train, context.artifact(context.current), in_ray_job())
     job = TrainJob(
         student=str(student),
         teacher=str(context.local(spec.teacher.model)),
         data=str(generated / TRAIN_FILE),
-        output=str(context.work / f"train-{stage.fingerprint}"),
+        output=str(training_folder(context.artifact(context.current), context.work)),
         train=spec.train,
         progress=progress_uri(context.artifact(context.current)),
     )
