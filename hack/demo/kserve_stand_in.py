@@ -1,14 +1,15 @@
 """A local KServe STAND-IN: it serves each InferenceService with ``distill serve`` on loopback.
 
-With no kubelet there is no predictor pod, and vLLM needs a GPU besides; so for the demo this
-stand-in takes KServe's place. For every ``serving.kserve.io/v1beta1`` InferenceService in the
+With no kubelet there is no predictor pod; so for the demo this stand-in takes KServe's place.
+(The demo serves with ``serve.gpus: 0``, for which the operator's predictor container is the
+runtime image's ``distill serve`` too: the stand-in runs that server as a local process.) For every ``serving.kserve.io/v1beta1`` InferenceService in the
 namespace it:
 
 1. reads what the operator put in the predictor container: the model's ``STORAGE_URI`` (a
    ``pvc://`` URI resolves under ``DISTILL_PVC_ROOT``, the demo's claims folder, as KServe's
    storage initializer would fetch it to ``/mnt/models``) and ``--served-model-name``;
 2. starts ``distill serve <STORAGE_URI> --port <free port> --served-model-name <name>`` (the
-   project's own OpenAI-compatible server on transformers, in place of the vLLM container);
+   project's own OpenAI-compatible server on transformers, in place of the predictor pod);
 3. waits for ``GET /health`` to answer 200, then writes the status KServe writes for a ready
    service: ``conditions`` Ready (and PredictorReady, IngressReady) True, ``url`` (here the
    loopback address, where KServe would give the ingress host) and ``observedGeneration`` equal
@@ -185,7 +186,7 @@ class KServeStandIn:
             folder / "server.err",
         )
         shown = " ".join(["distill", *command[len(distill_command()) :]])
-        self.say(f"{meta['name']}: starting `{shown}` (in place of the vLLM predictor)")
+        self.say(f"{meta['name']}: starting `{shown}` (in place of the predictor pod)")
 
     def check(self, isvc: dict[str, Any], server: Server) -> None:
         """Ready once ``/health`` answers 200; Ready False if the server died before that."""
