@@ -669,7 +669,12 @@ def test_an_admission_policy_refusal_reaches_status_with_its_message(
         ready = wait_condition(kube, name, "Ready", "False", "ChildWriteFailed")
         assert "need a team label for chargeback" in ready["message"]
         assert "(422)" in ready["message"]
-        assert [e for e in event_reasons(kube, name) if e == "ChildWriteFailed"]
+        # kopf posts events after the status patch, on its own time
+        wait_for(
+            "the ChildWriteFailed event",
+            lambda: "ChildWriteFailed" in event_reasons(kube, name),
+            timeout=30,
+        )
         assert kube.rayjobs() == []
     finally:
         admission.delete_validating_admission_policy_binding(policy)
