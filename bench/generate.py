@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from distillation_runtime.demo import (
     ModelSize,
@@ -44,11 +45,12 @@ def timed(
 
 
 def stage_seconds(
-    folder: str, prompts: list[str], batch: int, tokens: int, actors: int
+    folder: Path, prompts: list[str], batch: int, tokens: int, actors: int
 ) -> tuple[float, list[list[int]]]:
-    """The generate stage's own path (``stages.generate.run``) on the saved teacher."""
+    """The generate stage's own path (``stages.generate.run``) on the saved teacher: its
+    seconds from choosing the backend to the last record (loading the teacher included, not
+    writing the Parquet files) and its token ids."""
     import tempfile
-    from pathlib import Path
 
     from distillation_runtime.records import read_parquet
     from distillation_runtime.stages.generate import PromptItem, run
@@ -58,11 +60,9 @@ def stage_seconds(
     )
     items = [PromptItem(p, "train") for p in prompts]
     with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
-        result = run(folder, items, spec, Path(out), actors=actors)
-        seconds = time.perf_counter() - started
+        result = run(str(folder), items, spec, Path(out), actors=actors)
         ids = [r.response_ids for r in read_parquet(result.train)]
-    return seconds, ids
+    return result.seconds, ids
 
 
 def main() -> int:
@@ -83,10 +83,10 @@ def main() -> int:
     from distillation_runtime.demo import save_pretrained
 
     with tempfile.TemporaryDirectory() as folder:
-        save_pretrained(model, tokenizer, folder)
-        stage_s, stage_ids = stage_seconds(folder, prompts, batch, new_tokens, actors=1)
-        actor_s, actor_ids = stage_seconds(folder, prompts, batch, new_tokens, actors=2)
-    same = one_ids == batch_ids
+        save_pretrained(model, tokenizer, Path(folder))
+        stage_s, stage_ids = stage_seconds(Path(folder), prompts, batch, new_tokens, actors=1)
+        actor_s, actor_ids = stage_seconds(Path(folder), prompts, batch, new_tokens, actors=2)
+    same = one_ids == batch_ids == stage_ids == actor_ids
     tokens = sum(len(ids) for ids in batch_ids)
     one_rate, batch_rate = tokens / one_seconds, tokens / batch_seconds
     stage_rate = sum(len(i) for i in stage_ids) / stage_s

@@ -330,12 +330,30 @@ def fit_budget(
             layers = max(1, min(teacher.layers, round(teacher.layers * math.sqrt(budget / full))))
         found = _widest(parameters, teacher, layers, budget, hidden_per_head)
     if found is None:
-        floor = count_parameters(parameters, replace(teacher, layers=1, hidden=1, intermediate=1))
+        smallest = narrowest(teacher, 1 if axes == "depth" else layers, hidden_per_head)
+        floor = count_parameters(parameters, smallest)
         raise PruneError(
             f"student.prune.parameterBudget is {budget:,}: no {axes} pruning of this teacher "
-            f"fits it (the embeddings and LM head alone need about {floor:,})"
+            f"fits it; the smallest it can reach (hidden {smallest.hidden}, intermediate "
+            f"{smallest.intermediate}, {smallest.layers} layers; the embeddings keep the "
+            f"vocabulary) has {floor:,} parameters: give a budget of at least {floor:,}"
+            + ("" if axes == "both" else ', or budgetAxes "both"')
         )
     return found
+
+
+def narrowest(teacher: Shape, layers: int, hidden_per_head: bool = False) -> Shape:
+    """The smallest shape the budget search tries with ``layers`` layers: one aligned step of
+    hidden and MLP width (``_widest``'s steps), the heads kept."""
+    h_step, i_step = _align(teacher.hidden), _align(teacher.intermediate)
+    if hidden_per_head:
+        h_step = math.lcm(h_step, teacher.heads)
+    return replace(
+        teacher,
+        layers=layers,
+        hidden=min(teacher.hidden, h_step),
+        intermediate=min(teacher.intermediate, i_step),
+    )
 
 
 # --------------------------------------------------------------------------------------------
