@@ -34,32 +34,56 @@ class Record:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
 
 
+UINT16_IDS = 1 << 16
+"""Token ids below this fit in 16 bits: every vocabulary up to 65,536 (Llama 3's 128k does not)."""
+COMPRESSION = "zstd"
+
+
+def id_type(records: Sequence[Record]) -> Any:
+    """The narrowest Arrow integer that holds every token id of ``records``: uint16 for a
+    vocabulary of at most 65,536 tokens (half of int32's bytes), else int32."""
+    import pyarrow as pa
+
+    largest = max(
+        (
+            max(
+                (*r.prompt_ids, *r.response_ids, *(i for row in r.topk_ids or [] for i in row)),
+                default=0,
+            )
+            for r in records
+        ),
+        default=0,
+    )
+    return pa.uint16() if largest < UINT16_IDS else pa.int32()
+
+
 def write_parquet(records: Sequence[Record], path: Path) -> None:
-    """Write records (top-k ids as int32, log-probs as float16) atomically."""
+    """Write records atomically, compactly: token ids in the narrowest integer that holds them
+    (``id_type``), top-k log-probs as float16 (relative error under 0.1%), zstd-compressed
+    columns. Readers see plain ints and floats whatever the types."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     has_topk = bool(records) and records[0].topk_ids is not None
+    ids = id_type(records)
     columns: dict[str, Any] = {
         "prompt": pa.array([r.prompt for r in records], pa.string()),
         "response": pa.array([r.response for r in records], pa.string()),
-        "prompt_ids": pa.array([r.prompt_ids for r in records], pa.list_(pa.int32())),
-        "response_ids": pa.array([r.response_ids for r in records], pa.list_(pa.int32())),
+        "prompt_ids": pa.array([r.prompt_ids for r in records], pa.list_(ids)),
+        "response_ids": pa.array([r.response_ids for r in records], pa.list_(ids)),
     }
     if any(r.finish_reason is not None for r in records):
         columns["finish_reason"] = pa.array([r.finish_reason for r in records], pa.string())
     if any(r.reference is not None for r in records):
         columns["reference"] = pa.array([r.reference for r in records], pa.string())
     if has_topk:
-        columns["topk_ids"] = pa.array(
-            [r.topk_ids for r in records], pa.list_(pa.list_(pa.int32()))
-        )
+        columns["topk_ids"] = pa.array([r.topk_ids for r in records], pa.list_(pa.list_(ids)))
         columns["topk_logprobs"] = pa.array(
             [r.topk_logprobs for r in records], pa.list_(pa.list_(pa.float16()))
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    pq.write_table(pa.table(columns), partial)
+    pq.write_table(pa.table(columns), partial, compression=COMPRESSION)
     partial.replace(path)
 
 
