@@ -2,8 +2,8 @@
 
 With no kubelet there is no predictor pod; so for the demo this stand-in takes KServe's place.
 (The demo serves with ``serve.gpus: 0``, for which the operator's predictor container is the
-runtime image's ``distill serve`` too: the stand-in runs that server as a local process.) For every ``serving.kserve.io/v1beta1`` InferenceService in the
-namespace it:
+runtime image's ``distill serve`` too: the stand-in runs that server as a local process.)
+For every ``serving.kserve.io/v1beta1`` InferenceService in the namespace it:
 
 1. reads what the operator put in the predictor container: the model's ``STORAGE_URI`` (a
    ``pvc://`` URI resolves under ``DISTILL_PVC_ROOT``, the demo's claims folder, as KServe's
