@@ -276,6 +276,7 @@ build_daemonless() {
     local args=(--isolation chroot --format oci "$layers" -f "$repo/$file" -t "$ref"
       --label "dev.distillation.inputs=$key"
       --build-arg "BASE=$base_id" --build-arg "VERSION=$version" --build-arg "UV_VERSION=$uv_version"
+      --build-arg "INPUTS=$key"
       --build-arg "UV_CACHE_DIR=/host-uv-cache" -v "$(host_uv_cache):/host-uv-cache")
     [ "$flavor" = "-" ] || args+=(--build-arg "FLAVOR=$flavor")
     [ "$variant" = "-" ] || args+=(--build-arg "IMAGE=$variant")
