@@ -113,6 +113,7 @@ def test_serving_and_queueing_wait_for_their_apis_and_resume_once_installed(
     install_kueue_stand_in(bare_plane, tmp_path)
     wait_for("served to resume", lambda: jobs_of(kube, "served"), timeout=90)
     wait_for("queued to resume", lambda: jobs_of(kube, "queued"), timeout=90)
-    assert stalled_reason(kube, "served") is None
+    # The RayJob is created before the status patch that clears Stalled lands.
+    wait_for("served's Stalled to clear", lambda: stalled_reason(kube, "served") is None)
     queued = next(j for j in kube.rayjobs() if j["metadata"]["name"] in jobs_of(kube, "queued"))
     assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-team"
