@@ -260,6 +260,7 @@ def saved_importance(context: StageContext, key: str) -> Path | None:
         if read_manifest(uri).get("metrics", {}).get("importanceKey") != key:
             continue
         local = context.work / f"importance-{key}.safetensors"
+        local.parent.mkdir(parents=True, exist_ok=True)  # a new machine has no work folder yet
         fs.get(f"{folder}/{IMPORTANCE_FILE}", str(local))
         return local
     return None
