@@ -146,9 +146,9 @@ def feasibility_problems(spec: DistillationSpec, plan: Plan) -> list[str]:
             "or auto"
         )
     if spec.serve is not None and spec.serve.gpus == 0 and spec.quantize is not None:
-        scheme = spec.quantize.scheme.value
+        schemes = ", ".join(s.value for s in spec.quantize.candidates)
         problems.append(
-            f"spec.serve.gpus is 0 but spec.quantize.scheme is {scheme}: vLLM runs "
+            f"spec.serve.gpus is 0 but spec.quantize tries {schemes}: vLLM runs "
             "compressed-tensors checkpoints on GPUs only; set serve.gpus >= 1 or drop quantize"
         )
     problems += training_problems(spec)

@@ -644,8 +644,31 @@ class Precision(StrEnum):
     FP32 = "fp32"
 
 
+class TrainStrategy(StrEnum):
+    """How several Ray Train workers share the student."""
+
+    AUTO = "auto"
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
 class TrainSpec(SpecModel):
     """How the student is trained (Ray Train, one to many workers)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.strategy != 'fsdp' || (!has(self.losses.features) && "
+                    "(!has(self.losses.logits) || self.losses.logits.source != 'online'))",
+                    "strategy fsdp cannot run the teacher live in every worker: use logits "
+                    "source: offline (the generate stage's stored top-k) and no features, or "
+                    "strategy ddp",
+                    ".strategy",
+                )
+            ]
+        }
+    )
 
     losses: LossesSpec = section(LossesSpec, "Distillation losses and their weights.")
     epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training data.")
@@ -681,12 +704,40 @@ class TrainSpec(SpecModel):
         description="auto picks bf16 on GPUs that support it, else fp32.",
     )
     gradient_checkpointing: bool = Field(
-        default=False, description="Trade compute for memory by recomputing activations."
+        default=False,
+        description="Trade compute for memory: recompute each decoder layer's activations in "
+        "the backward pass instead of keeping them.",
     )
     workers: int = Field(
         default=1, ge=1, le=1024, description="Ray Train workers (data-parallel replicas)."
     )
+    strategy: TrainStrategy = Field(
+        default=TrainStrategy.AUTO,
+        description="How the workers share the student. ddp: each worker holds the whole "
+        "student, its gradients and AdamW state (about 16 bytes per parameter) and gradients "
+        "are averaged. fsdp: PyTorch FSDP2 shards parameters, gradients and optimizer state "
+        "over the workers (about 16/workers bytes per parameter each), with bf16 compute and "
+        "fp32 gradient reduction on GPUs; checkpoints are sharded (torch.distributed.checkpoint) "
+        "and the final model is a normal checkpoint. fsdp needs offline logits and no features "
+        "(the teacher is not sharded). auto: ddp with one worker or on CPU workers; on GPU "
+        "workers fsdp when 16 bytes per student parameter exceed half of the smallest "
+        "worker's GPU memory (the other half for activations and the teacher). The choice is "
+        "the train stage's strategy metric.",
+    )
     seed: int = Field(default=0, ge=0, description="Random seed for shuffling and init.")
+
+    @model_validator(mode="after")
+    def _fsdp_without_live_teacher(self) -> Self:
+        logits, features = self.losses.logits, self.losses.features
+        online = logits is not None and logits.source is LogitSource.ONLINE
+        if self.strategy is TrainStrategy.FSDP and (online or features is not None):
+            live = "logits source: online" if online else "features"
+            raise ValueError(
+                f"strategy fsdp cannot run the teacher live in every worker ({live} needs it): "
+                "use logits source: offline (the generate stage's stored top-k) and no "
+                "features, or strategy ddp"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,26 +753,150 @@ class QuantScheme(StrEnum):
     W8A8 = "W8A8"
 
 
-class QuantizeSpec(SpecModel):
-    """Quantise the trained student for serving; evaluation runs again on the result."""
+class ActivationOrder(StrEnum):
+    """The order GPTQ quantises a weight's input columns in (``actorder`` in llm-compressor)."""
 
-    scheme: QuantScheme = Field(
-        description="FP8_DYNAMIC (no calibration; GPUs with compute capability 8.9+), W4A16 "
-        "(GPTQ int4 weights; 8.0+) or W8A8 (SmoothQuant + GPTQ int8; 7.5+)."
+    STATIC = "static"
+    """Largest activations first, scales kept in column order: no cost when serving."""
+    OFF = "off"
+    """Column order."""
+
+
+class W4A16Algorithm(StrEnum):
+    """How W4A16 rounds its int4 weights."""
+
+    GPTQ = "GPTQ"
+    AWQ = "AWQ"
+
+
+DampeningFraction = Annotated[DecimalString, DecimalRange(gt="0", lt="1")]
+
+
+class GPTQSpec(SpecModel):
+    """GPTQ's settings (W4A16 with w4a16Algorithm GPTQ, and W8A8)."""
+
+    act_order: ActivationOrder = Field(
+        default=ActivationOrder.STATIC,
+        description="Order the input columns of each weight are quantised in: static (largest "
+        "activations first, which rounds the most important columns while the most error can "
+        "still be corrected; no cost when serving; llm-compressor's default) or off (column "
+        "order).",
+    )
+    dampening_frac: DampeningFraction = Field(
+        default=DecimalString("0.01"),
+        description="Dampening added to the Hessian's diagonal, as a fraction of its mean, "
+        'between 0 and 1 (exclusive), e.g. "0.01": higher is more stable on few or repetitive '
+        "calibration samples, lower follows them more closely.",
+    )
+
+
+QUANTIZE_SCHEMES_MAX = len(QuantScheme)
+
+
+class QuantizeSpec(SpecModel):
+    """Quantise the trained student for serving, trying schemes in order until one keeps enough
+    of the unquantised student's quality; evaluation runs again on the result."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.scheme) != has(self.schemes)",
+                    "set exactly one of quantize.scheme (one scheme) or quantize.schemes (schemes "
+                    "tried in order)",
+                ),
+                cel(
+                    "!has(self.schemes) || self.schemes.all(s, self.schemes.exists_one(t, t == s))",
+                    "each scheme may appear only once in quantize.schemes",
+                    ".schemes",
+                ),
+            ]
+        }
+    )
+
+    one_scheme: QuantScheme | None = Field(
+        default=None,
+        alias="scheme",
+        description="One scheme: the same as schemes with one entry. FP8_DYNAMIC (no calibration; "
+        "GPUs with compute capability 8.9+), W4A16 (int4 weights; 8.0+) or W8A8 (SmoothQuant + "
+        "GPTQ int8; 7.5+). Set scheme or schemes, not both.",
+    )
+    schemes: list[QuantScheme] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=QUANTIZE_SCHEMES_MAX,
+        description="Schemes to try in order, most compressed first (e.g. [W4A16, W8A8, "
+        "FP8_DYNAMIC]): each is quantised and scored on the held-out prompts, and the first that "
+        "keeps minRetention of the unquantised student's quality is served; when none does, the "
+        "unquantised student is (status.metrics.scheme is none). Each attempt is stored under "
+        "<output>/quantize-attempts/ and reused by later runs. Set scheme or schemes, not both.",
+    )
+    min_retention: Retention = Field(
+        default=DecimalString("0.97"),
+        description="Quality a scheme must keep, relative to the unquantised student, on the "
+        'held-out prompts and the gate\'s metric (evaluate.gate.metric): "0.97" = 97%. For '
+        "perplexity, unquantised perplexity divided by quantised.",
     )
     calibration_samples: int = Field(
         default=512,
         ge=1,
         le=100_000,
-        description="Prompt/response pairs from the generate stage used to calibrate (W4A16, "
-        "W8A8).",
+        description="Prompt/response pairs from the generate stage (the workload's prompts and "
+        "the teacher's answers) used to calibrate W4A16 and W8A8, spread over the records.",
     )
+    calibration_max_seq_length: int | None = Field(
+        default=None,
+        ge=16,
+        le=1_048_576,
+        description="Longest calibration sequence (prompt plus answer), in tokens. Default: "
+        "train.maxSeqLength, the length the student was trained and is served at.",
+    )
+    w4a16_algorithm: W4A16Algorithm = Field(
+        default=W4A16Algorithm.GPTQ,
+        alias="w4a16Algorithm",
+        description="How W4A16 rounds its weights: GPTQ (symmetric int4, error-correcting "
+        "rounding; settings in gptq) or AWQ (activation-aware scaling, then asymmetric int4 with "
+        "zero points).",
+    )
+    gptq: GPTQSpec = section(GPTQSpec, "GPTQ's settings (W4A16 with GPTQ, and W8A8).")
     ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=lambda: ["lm_head"],
         max_length=64,
         description="Modules kept in full precision (names or re:regular expressions, as "
         "llm-compressor takes them). lm_head is always kept in full precision.",
     )
+
+    @field_validator("schemes")
+    @classmethod
+    def _unique_schemes(cls, schemes: list[QuantScheme] | None) -> list[QuantScheme] | None:
+        if schemes is not None:
+            repeated = sorted({s.value for s in schemes if schemes.count(s) > 1})
+            if repeated:
+                raise ValueError(
+                    f"each scheme may appear only once in quantize.schemes; repeated: {repeated}"
+                )
+        return schemes
+
+    @model_validator(mode="after")
+    def _one_of_scheme_or_schemes(self) -> Self:
+        if (self.one_scheme is None) == (self.schemes is None):
+            got = "both" if self.one_scheme is not None else "neither"
+            allowed = ", ".join(s.value for s in QuantScheme)
+            raise ValueError(
+                "set exactly one of quantize.scheme (one scheme) or quantize.schemes (schemes "
+                f"tried in order, most compressed first); got {got}. Schemes: {allowed}"
+            )
+        return self
+
+    @property
+    def candidates(self) -> tuple[QuantScheme, ...]:
+        """The schemes to try, in order (``scheme`` is the one-element list)."""
+        return (self.one_scheme,) if self.one_scheme is not None else tuple(self.schemes or ())
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The first scheme tried (the only one with the ``scheme`` shorthand)."""
+        return self.candidates[0]
 
 
 class Metric(StrEnum):

@@ -163,3 +163,68 @@ def test_w4a16_on_widths_that_are_not_multiples_of_128(tmp_path: Path) -> None:
     assert next(iter(groups.values()))["weights"]["group_size"] == 32
     _, tokens = reload_and_generate(tmp_path / "out" / MODEL_DIR)
     assert len(tokens) == 4
+
+
+def int4_weights(folder: Path) -> dict[str, Any]:
+    config = json.loads((folder / MODEL_DIR / "config.json").read_text())
+    weights: dict[str, Any] = next(iter(config["quantization_config"]["config_groups"].values()))[
+        "weights"
+    ]
+    return weights
+
+
+@pytest.mark.quantize
+@pytest.mark.parametrize(("order", "written"), [("static", "static"), ("off", None)])
+def test_gptq_activation_order_and_dampening_reach_the_checkpoint(
+    student: tuple[Path, Path], tmp_path: Path, order: str, written: str | None
+) -> None:
+    spec = QuantizeSpec.model_validate(
+        {
+            "scheme": "W4A16",
+            "calibrationSamples": 16,
+            "gptq": {"actOrder": order, "dampeningFrac": "0.1"},
+        }
+    )
+    result = run(
+        QuantizeJob(
+            model=str(student[0]),
+            output=str(tmp_path),
+            quantize=spec,
+            calibration=str(student[1]),
+            max_seq_length=32,
+        )
+    )
+    assert result.algorithm == "GPTQ"
+    weights = int4_weights(tmp_path)
+    assert weights["actorder"] == written  # vLLM reads it: group needs its reordering kernels
+    assert weights["symmetric"] is True
+    _, tokens = reload_and_generate(tmp_path / MODEL_DIR)
+    assert len(tokens) >= 1
+
+
+@pytest.mark.quantize
+def test_awq_writes_asymmetric_int4_with_zero_points_that_generates(
+    student: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """AWQ's scales, then asymmetric int4 (on this CPU without the page-locked pinning that
+    llm-compressor 0.14 does for GPUs)."""
+    spec = QuantizeSpec.model_validate(
+        {"scheme": "W4A16", "calibrationSamples": 16, "w4a16Algorithm": "AWQ"}
+    )
+    result = run(
+        QuantizeJob(
+            model=str(student[0]),
+            output=str(tmp_path),
+            quantize=spec,
+            calibration=str(student[1]),
+            max_seq_length=32,
+        )
+    )
+    assert result.algorithm == "AWQ"
+    assert result.format == "pack-quantized"
+    assert int4_weights(tmp_path)["symmetric"] is False
+    dtypes = tensor_dtypes(tmp_path / MODEL_DIR)
+    assert "model.layers.0.mlp.down_proj.weight_zero_point" in dtypes
+    assert dtypes["lm_head.weight"] == "F32"
+    _, tokens = reload_and_generate(tmp_path / MODEL_DIR)
+    assert len(tokens) >= 1

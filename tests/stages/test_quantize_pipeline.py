@@ -106,3 +106,51 @@ def test_run_refuses_quantize_without_llmcompressor_before_any_stage(project: Pa
     assert "llm-compressor is not installed" in out.stderr
     assert "`quantize` extra" in out.stderr
     assert not (project / "refused").exists()  # refused before the first stage ran
+
+
+def safetensors_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))
+
+
+@pytest.mark.quantize
+def test_distill_run_serves_the_unquantised_student_when_no_scheme_holds_then_reuses(
+    project: Path,
+) -> None:
+    """The scheme search in `distill run`: a bar no scheme reaches leaves the trained student as
+    the stage's model (what evaluate-quantized judges and the operator serves), and a lower bar
+    re-plans the stage without quantising again."""
+    data = spec(project, 2)
+    data["quantize"] = {"schemes": ["W4A16", "FP8_DYNAMIC"], "minRetention": "2"}
+    out = distill("run", str(write(project, "search.yaml", data)), cwd=project)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = make_plan(PipelineSpec.model_validate(data))
+    quantized = read_manifest(plan.artifact("quantize"))["metrics"]
+    assert quantized["scheme"] == "none"
+    assert quantized["quantized"] is False
+    assert quantized["schemesTried"] == "W4A16,FP8_DYNAMIC"
+    assert quantized["minComputeCapability"] is None
+    served = Path(plan.artifact("quantize"), "model")
+    trained = Path(plan.artifact("train"), "model")
+    assert "quantization_config" not in json.loads((served / "config.json").read_text())
+    assert safetensors_bytes(served) == safetensors_bytes(trained)
+    report = json.loads(Path(plan.artifact("quantize"), "quantize.json").read_text())
+    assert report["served"] == "unquantized"
+    assert [a["scheme"] for a in report["attempts"]] == ["W4A16", "FP8_DYNAMIC"]
+    judged = read_manifest(plan.artifact("evaluate-quantized"))["metrics"]
+    unquantized = read_manifest(plan.artifact("evaluate"))["metrics"]
+    assert judged["student.tokenF1"] == unquantized["student.tokenF1"]
+
+    data["quantize"]["minRetention"] = "0.01"
+    again = distill("run", str(write(project, "search-low.yaml", data)), cwd=project)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "W4A16 keeps" in again.stderr
+    assert "(reused)" in again.stderr
+    assert "Quantizing" in out.stdout + out.stderr  # llm-compressor's log of its GPTQ pass...
+    assert "Quantizing" not in again.stdout + again.stderr  # ...not there: the attempt reused
+    replan = make_plan(PipelineSpec.model_validate(data))
+    assert replan.artifact("quantize") != plan.artifact("quantize")
+    chosen = read_manifest(replan.artifact("quantize"))["metrics"]
+    assert chosen["scheme"] == "W4A16"
+    assert chosen["minComputeCapability"] == "8.0"
+    served = Path(replan.artifact("quantize"), "model")
+    assert json.loads((served / "config.json").read_text())["quantization_config"]

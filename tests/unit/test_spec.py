@@ -273,10 +273,19 @@ FULL = textwrap.dedent(
       precision: bf16
       gradientCheckpointing: true
       workers: 4
+      strategy: ddp
       seed: 1
     quantize:
-      scheme: W4A16
+      schemes:
+      - W4A16
+      - W8A8
+      minRetention: '0.95'
       calibrationSamples: 128
+      calibrationMaxSeqLength: 1024
+      w4a16Algorithm: GPTQ
+      gptq:
+        actOrder: 'off'
+        dampeningFrac: '0.05'
       ignore:
       - lm_head
     evaluate:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from distillation_runtime.spec import LogitSource, PipelineSpec
+from distillation_runtime.spec import LogitSource, PipelineSpec, QuantScheme
 from distillation_runtime.stages.base import (
     MODEL_DIR,
     SPEC_PROBLEMS,
@@ -92,13 +92,18 @@ def needs_live_teacher(spec: PipelineSpec) -> bool:
 
 
 def _train_config(spec: PipelineSpec) -> dict[str, Any]:
+    """The student and the training settings. ``strategy: auto`` (the default) is left out, so
+    a pipeline trained before the field existed keeps its fingerprint."""
+    train = _data(spec.train)
+    if train.get("strategy") == "auto":
+        del train["strategy"]
     return {
         "student": {
             "model": spec.student.model,
             "dtype": spec.student.dtype.value,
             "trustRemoteCode": spec.student.trust_remote_code,
         },
-        "train": _data(spec.train),
+        "train": train,
         "teacher": _data(spec.teacher) if needs_live_teacher(spec) else None,
     }
 
@@ -112,7 +117,16 @@ def _evaluate_config(spec: PipelineSpec) -> dict[str, Any]:
 
 
 def _quantize_config(spec: PipelineSpec) -> dict[str, Any]:
-    return {"quantize": _data(spec.quantize)}
+    """The quantize section (``scheme`` as the one-element ``schemes``, the calibration length
+    resolved) and what the scheme search scores by: the gate's metric on the held-out prompts."""
+    quantize = _data(spec.quantize)
+    if spec.quantize is not None:
+        quantize.pop("scheme", None)
+        quantize["schemes"] = [s.value for s in spec.quantize.candidates]
+        length = spec.quantize.calibration_max_seq_length or spec.train.max_seq_length
+        quantize["calibrationMaxSeqLength"] = length
+    judged = {"metric": spec.evaluate.gate.metric.value, "maxSamples": spec.evaluate.max_samples}
+    return {"quantize": quantize, "judgedBy": judged}
 
 
 def _same(*metrics: str) -> dict[str, str]:
@@ -202,11 +216,16 @@ STAGES: list[StageDefinition] = [
         fingerprint=_quantize_config,
         inputs=lambda spec: ("train", "generate"),
         enabled=_quantizing,
+        format_version=2,  # 2: the scheme search (attempts, the choice, or the unquantised)
         image=ImageKind.QUANTIZE,
         placement_doc="Quantisation workers.",
         roles=frozenset({Role.STUDENT}),
-        exports=_same("scheme", "sizeBytesBefore", "sizeBytesAfter", "compression"),
-        results=("scheme", "compression"),
+        exports={
+            **_same("scheme", "sizeBytesBefore", "sizeBytesAfter", "compression"),
+            **_same("schemesTried", "quantized"),
+            **{f"quantize.retention.{s.value}": f"retention.{s.value}" for s in QuantScheme},
+        },
+        results=("scheme", "compression", "schemesTried"),
         requires="distillation_runtime.stages.quantize:require_llmcompressor",
     ),
     _evaluation(

@@ -113,6 +113,32 @@ def _answer(
     return answers, speed
 
 
+def gate_score(
+    folder: str,
+    records: list[Record],
+    spec: EvaluateSpec,
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> float:
+    """The score of the model in ``folder`` on the gate's metric alone, measured as ``score``
+    measures the student (the same prompts, greedy answers, references and perplexity): what
+    the quantize stage compares a quantised student with the unquantised one by."""
+    from distillation_runtime.generation import SamplingConfig, generate
+
+    if spec.max_samples is not None:
+        records = records[: spec.max_samples]
+    model, tokenizer = _load(folder)
+    metric = spec.gate.metric.value
+    if metric not in TEXT_METRICS:
+        return perplexity(model, records, batch_size)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = [a.response for a in generate(model, tokenizer, [r.prompt for r in records], config)]
+    references = [r.reference for r in records]
+    if references and all(ref is not None for ref in references):
+        return mean_score(metric, answers, [ref or "" for ref in references])
+    return mean_score(metric, answers, [r.response for r in records])
+
+
 def model_cost(model: Any, folder: str, speed: dict[str, float]) -> dict[str, float]:
     """What serving a model costs: parameters, bytes on disk (compressed when quantised) and its
     measured speed here."""

@@ -124,8 +124,8 @@ def _kv_split(kv_heads: int, size: int) -> bool:
 
 def int4_widths(spec: PipelineSpec, models: Models) -> list[str]:
     """W4A16 groups input columns: the quantize stage's own group-size rule, on the student's
-    shapes."""
-    if spec.quantize is None or spec.quantize.scheme is not QuantScheme.W4A16:
+    shapes. Only when W4A16 is the one scheme: in a list, the search skips it for the next."""
+    if spec.quantize is None or spec.quantize.candidates != (QuantScheme.W4A16,):
         return []
     from distillation_runtime.stages.quantize import ignored_modules, int4_group_size, linear_widths
 

@@ -14,13 +14,20 @@ Reads like a recipe (torchtune's setup, train, save; nanoGPT's one visible loop)
   teacher, or offline from its stored top-k) through the memory-bounded chunked loss, which
   never materialises [batch, sequence, vocabulary], with its options built once from the spec
   (``losses.LogitLossOptions``); features (hidden states through a learned projection) when a
-  layer map is given.
+  layer map is given. A step's loss is the mean over all its tokens, on every worker and
+  micro-batch together.
 - Optimiser: AdamW, warm-up then cosine/linear/constant, gradient accumulation and clipping.
-- Workers: one process, or N Ray Train workers (gloo on CPU). Gradients are averaged with one
-  all-reduce per step, so the loss code sees plain modules.
+- Workers: one process, or N Ray Train workers (gloo on CPU, NCCL on GPU), as ``train.strategy``
+  says (:func:`choose_strategy`). ddp: every worker holds the whole student and gradients are
+  averaged with one all-reduce per step. fsdp: FSDP2 (``fully_shard``) shards each decoder layer
+  and then the rest over the workers; its hooks gather a layer's parameters for its forward and
+  backward and reduce-scatter its gradients, so each worker keeps 1/N of the weights, gradients
+  and AdamW state. The loss is computed inside one module's forward (:class:`LossModel`) so the
+  root's hooks also gather what the loss reads outside the layers (embeddings, output head).
 - Checkpoints every ``checkpoint_every`` optimizer steps under ``<output>/checkpoints`` (written
   to a temporary folder, then renamed): a killed run resumes from the last one and loses at most
-  one interval.
+  one interval. ddp: rank 0 writes ``state.pt``; fsdp: every rank writes its shards with
+  torch.distributed.checkpoint (any world size can load them) and rank 0 ``trainer.pt``.
 - Out: ``<output>/model`` (safetensors, config, tokenizer, generation config) and
   ``<output>/metrics.jsonl`` (one line per step: each loss part, learning rate, tokens/s).
 """
@@ -33,15 +40,16 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillation_runtime.progress import ProgressWriter, progress_uri
 from distillation_runtime.raycluster import TrainWorkers, in_ray_job
-from distillation_runtime.spec import LogitSource, TrainSpec
+from distillation_runtime.spec import LogitSource, TrainSpec, TrainStrategy
 from distillation_runtime.stages.base import MODEL_DIR, StageContext, StageResult
 from distillation_runtime.storage import parse_uri
 
@@ -50,6 +58,10 @@ if TYPE_CHECKING:
     from distillation_runtime.records import Batch, Record
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer.pt"
+"""In a sharded checkpoint, beside torch.distributed.checkpoint's files: schedule and step."""
+BYTES_PER_PARAMETER = 16
+"""Training state per parameter without sharding: fp32 weights, gradients, two AdamW moments."""
 FINAL_MODEL = MODEL_DIR
 METRICS_FILE = "metrics.jsonl"
 WORK_FOLDER = "_work"
@@ -116,6 +128,31 @@ def epoch_order(count: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
+def choose_strategy(
+    spec: TrainSpec, world: int, parameters: int, gpu_memory: int | None
+) -> TrainStrategy:
+    """ddp or fsdp for ``train.strategy``. auto shards only when it must: several workers on
+    GPUs (``gpu_memory``: the smallest worker's, None on CPU) where ddp's training state would
+    take more than half of one GPU. On CPU workers auto keeps ddp: their memory is the node's,
+    shared and with no per-worker figure to compare. One worker has nothing to shard."""
+    if world == 1:
+        return TrainStrategy.DDP
+    if spec.strategy is not TrainStrategy.AUTO:
+        return spec.strategy
+    if gpu_memory is None or BYTES_PER_PARAMETER * parameters <= gpu_memory // 2:
+        return TrainStrategy.DDP
+    logits, features = spec.losses.logits, spec.losses.features
+    if features is not None or (logits is not None and logits.source is LogitSource.ONLINE):
+        raise ValueError(
+            f"the student ({parameters / 1e9:.1f}B parameters, about "
+            f"{BYTES_PER_PARAMETER * parameters / 2**30:.0f} GiB to train) needs train.strategy "
+            f"fsdp on GPUs of {gpu_memory / 2**30:.0f} GiB, and fsdp cannot run the teacher live "
+            "in every worker: use train.losses.logits.source: offline and no features, more "
+            "GPU memory per worker, or train.strategy: ddp to try anyway"
+        )
+    return TrainStrategy.FSDP
+
+
 def checkpoint_step(folder: Path) -> int | None:
     """N for a complete checkpoint folder ``step-N``; None for anything else (``.partial``)."""
     prefix, _, number = folder.name.partition("-")
@@ -150,12 +187,14 @@ class TrainingState:
     job: TrainJob
     rank: int
     world: int
+    strategy: TrainStrategy
     device: Any
     amp: str | None  # the dtype forward passes run in (autocast_dtype); None for fp32
     tokenizer: Any
     student: Any
     teacher: Any  # None unless online logits or features need it live
     projector: Any  # the feature projection (losses.FeatureProjector); None without features
+    model: LossModel  # student and projector; its forward is the loss (the FSDP root)
     trainable: list[Any]
     optimizer: Any
     scheduler: Any
@@ -176,8 +215,6 @@ class TrainingState:
 
 def setup(job: TrainJob) -> TrainingState:
     """Models, optimizer, schedule and data for this worker, resumed from the latest checkpoint."""
-    import torch
-
     from distillation_runtime.losses import LogitLossOptions
     from distillation_runtime.records import read_parquet
 
@@ -191,8 +228,24 @@ def setup(job: TrainJob) -> TrainingState:
         device.type,
         device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
+    parameters = sum(p.numel() for p in student.parameters())
+    strategy = choose_strategy(spec, world, parameters, _smallest_gpu_memory(device, world))
+    if rank == 0:
+        print(
+            f"train: strategy {strategy.value} ({world} worker(s), {parameters:,} student "
+            f"parameters, ~{BYTES_PER_PARAMETER * parameters / 2**30:.2f} GiB of training state "
+            f"{'sharded over the workers' if strategy is TrainStrategy.FSDP else 'per worker'})",
+            file=sys.stderr,
+        )
+    if spec.gradient_checkpointing:
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     projector = _projector(spec, student, teacher, device)
-    trainable = [*student.parameters(), *(projector.parameters() if projector is not None else [])]
+    model = LossModel(student, projector)
+    if strategy is TrainStrategy.FSDP:
+        _shard(model, student, amp, device, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=float(spec.learning_rate), weight_decay=float(spec.weight_decay)
     )
@@ -209,12 +262,14 @@ def setup(job: TrainJob) -> TrainingState:
         job=job,
         rank=rank,
         world=world,
+        strategy=strategy,
         device=device,
         amp=amp,
         tokenizer=tokenizer,
         student=student,
         teacher=teacher,
         projector=projector,
+        model=model,
         trainable=trainable,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -223,14 +278,60 @@ def setup(job: TrainJob) -> TrainingState:
         per_epoch=per_epoch,
         total=total,
     )
+    model.state = state
     _resume(state)
     state.output.mkdir(parents=True, exist_ok=True)
     student.train()
     return state
 
 
+class LossModel(torch.nn.Module):
+    """The student (and the feature projection) under one module whose forward computes every
+    loss part (:func:`_loss_parts`). Under FSDP it is the root: its hooks gather the parameters
+    outside the decoder layers (embeddings, final norm, output head, which the chunked loss
+    reads directly) for the whole forward and backward, and reduce-scatter their gradients."""
+
+    def __init__(self, student: Any, projector: Any) -> None:
+        super().__init__()
+        self.student = student
+        self.projector = projector
+        self.state: TrainingState | None = None  # set by setup; not a module, not in state_dict
+
+    def forward(self, batch: Batch) -> dict[str, Any]:
+        assert self.state is not None
+        return _loss_parts(self.state, batch)
+
+
+def _shard(model: LossModel, student: Any, amp: str | None, device: Any, world: int) -> None:
+    """FSDP2: each decoder layer its own unit (gathered only while it runs), the root the rest.
+    On GPUs with bf16 the gathered parameters are bf16 (compute) while the sharded fp32 ones
+    are what AdamW updates, and gradients are reduced in fp32; on CPU everything stays fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    low = torch.bfloat16 if amp == "bfloat16" and device.type == "cuda" else None
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+    for layer in getattr(student.get_decoder(), "layers", []):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    # the root's input is the batch: the teacher's stored log-probs stay fp32
+    fully_shard(model, mesh=mesh, mp_policy=replace(policy, cast_forward_inputs=False))
+
+
+def _smallest_gpu_memory(device: Any, world: int) -> int | None:
+    """The smallest worker's GPU memory in bytes (every worker must choose the same strategy);
+    None on CPU."""
+    import torch.distributed as dist
+
+    if device.type != "cuda":
+        return None
+    memory = torch.tensor([torch.cuda.get_device_properties(device).total_memory], device=device)
+    if world > 1:
+        dist.all_reduce(memory, op=dist.ReduceOp.MIN)
+    return int(memory.item())
+
+
 def _load(path: str, dtype: str, device: Any) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -283,8 +384,6 @@ def _projector(spec: TrainSpec, student: Any, teacher: Any, device: Any) -> Any:
 
 def _device() -> Any:
     """This worker's GPU (Ray Train gives each worker its own) or the CPU."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -308,17 +407,33 @@ def _world() -> tuple[int, int]:
 
 def _resume(state: TrainingState) -> None:
     """Continue from the newest complete checkpoint, if there is one."""
-    import torch
-
     resume = latest_checkpoint(state.output)
     if resume is None:
         return
-    saved = torch.load(resume / "state.pt", weights_only=False, map_location=state.device)
-    state.student.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+    sharded = (resume / TRAINER_STATE).exists()
+    if sharded != (state.strategy is TrainStrategy.FSDP):
+        raise ValueError(
+            f"{resume} was written with train.strategy {'fsdp' if sharded else 'ddp'}, this run "
+            f"uses {state.strategy.value}: set train.strategy to "
+            f"{'fsdp' if sharded else 'ddp'} to resume, or remove {resume.parent} to start over"
+        )
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        weights, moments = get_state_dict(state.model, state.optimizer)
+        load({"model": weights, "optimizer": moments}, checkpoint_id=resume)  # in place
+        set_state_dict(
+            state.model, state.optimizer, model_state_dict=weights, optim_state_dict=moments
+        )
+        saved = torch.load(resume / TRAINER_STATE, weights_only=False)
+    else:
+        saved = torch.load(resume / "state.pt", weights_only=False, map_location=state.device)
+        state.student.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.projector is not None and saved.get("projector"):
+            state.projector.load_state_dict(saved["projector"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    if state.projector is not None and saved.get("projector"):
-        state.projector.load_state_dict(saved["projector"])
     state.step = saved["step"]
     if state.rank == 0:
         _truncate_metrics(state.output / METRICS_FILE, state.step)
@@ -356,51 +471,51 @@ def train_worker(job_data: dict[str, Any]) -> None:
         parts, tokens = train_step(state)
         elapsed = time.perf_counter() - started
         if state.rank == 0:
-            line = _metrics_line(state, epoch, parts, tokens * state.world, elapsed)
+            line = _metrics_line(state, epoch, parts, tokens, elapsed)
             with (state.output / METRICS_FILE).open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if progress is not None:
                 progress(state.step, parts.get("loss", 0.0))
             reported.update(state.step, loss=parts.get("loss", 0.0))
-            if state.step % job.checkpoint_every == 0 or state.step == state.total:
-                save_checkpoint(state)
-    if state.rank == 0:
-        save(state)
+        if state.step % job.checkpoint_every == 0 or state.step == state.total:
+            save_checkpoint(state)
+    save(state)
 
 
 def train_step(state: TrainingState) -> tuple[dict[str, float], int]:
     """One optimizer step over ``gradient_accumulation`` micro-batches, gradients averaged over
-    the workers. Returns each loss part (mean over the micro-batches) and this worker's tokens.
+    the workers (by hand for ddp; FSDP reduce-scatters them in the backward pass). Each
+    micro-batch's loss (a mean over its tokens) counts by its share of the step's tokens on all
+    workers, so N workers with batch B learn what one worker with batch N*B does. Returns each
+    loss part (its mean over the step's tokens) and the step's tokens, all workers together.
     """
-    import torch
-
     from distillation_runtime.records import collate
 
     spec = state.spec
-    accumulation = spec.gradient_accumulation
     top_k = spec.losses.logits.top_k if spec.losses.logits is not None else None
     autocast = getattr(torch, state.amp or "float32")
     state.optimizer.zero_grad(set_to_none=True)
+    batches = [
+        collate(chosen, state.tokenizer.pad_token_id, spec.max_seq_length, top_k).to(state.device)
+        for chosen in _micro_batches(state)
+    ]
+    tokens = int(_sum_over_workers({"tokens": sum(b.tokens for b in batches)}, state)["tokens"])
     parts_sum: dict[str, float] = {}
-    tokens = 0
-    for chosen in _micro_batches(state):
-        batch = collate(chosen, state.tokenizer.pad_token_id, spec.max_seq_length, top_k)
-        batch = batch.to(state.device)
+    for batch in batches:
+        share = batch.tokens / max(tokens, 1)
         with torch.autocast(state.device.type, dtype=autocast, enabled=bool(state.amp)):
-            parts = _loss_parts(state, batch)
-        (parts["loss"] / accumulation).backward()
-        tokens += batch.tokens
+            parts = state.model(batch)
+        (parts["loss"] * (share * state.world)).backward()  # the workers' average undoes world
         for name, value in parts.items():
-            parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) / accumulation
-    _average_gradients(state.student, state.world)
-    if state.projector is not None:
-        _average_gradients(state.projector, state.world)
-    if float(spec.max_grad_norm) > 0:
+            parts_sum[name] = parts_sum.get(name, 0.0) + float(value.detach()) * share
+    if state.strategy is TrainStrategy.DDP:
+        _average_gradients(state.model, state.world)
+    if float(spec.max_grad_norm) > 0:  # under FSDP the norm of DTensor shards, over all workers
         torch.nn.utils.clip_grad_norm_(state.trainable, float(spec.max_grad_norm))
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
-    return parts_sum, tokens
+    return _sum_over_workers(parts_sum, state), tokens
 
 
 def _micro_batches(state: TrainingState) -> list[list[Record]]:
@@ -424,8 +539,6 @@ def _micro_batches(state: TrainingState) -> list[list[Record]]:
 
 def _loss_parts(state: TrainingState, batch: Batch) -> dict[str, Any]:
     """Forward the student (and the teacher when needed) and compute every loss part."""
-    import torch
-
     from distillation_runtime import losses as kd
 
     student, teacher, projector = state.student, state.teacher, state.projector
@@ -497,6 +610,17 @@ def _average_gradients(model: Any, world: int) -> None:
             parameter.grad /= world
 
 
+def _sum_over_workers(values: dict[str, float], state: TrainingState) -> dict[str, float]:
+    """Each value summed over the workers (one all-reduce)."""
+    import torch.distributed as dist
+
+    if state.world == 1:
+        return values
+    summed = torch.tensor(list(values.values()), dtype=torch.float64, device=state.device)
+    dist.all_reduce(summed)
+    return dict(zip(values, summed.tolist(), strict=True))
+
+
 def _metrics_line(
     state: TrainingState, epoch: int, parts: dict[str, float], tokens: int, elapsed: float
 ) -> dict[str, Any]:
@@ -506,6 +630,7 @@ def _metrics_line(
         "epoch": epoch,
         **{k: round(v, 6) for k, v in parts.items()},
         "lr": state.scheduler.get_last_lr()[0],
+        "strategy": state.strategy.value,
         "tokens": tokens,
         "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
     }
@@ -540,37 +665,63 @@ def _progress(total: int, start: int) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(state: TrainingState) -> Path:
-    """``checkpoints/step-N``: weights, optimizer, schedule and step, for a resume.
+def save_checkpoint(state: TrainingState) -> Path | None:
+    """``checkpoints/step-N``: weights, optimizer, schedule and step, for a resume. Every worker
+    calls it; ddp's rank 0 writes everything, fsdp's workers each write their shards.
 
-    Written to ``step-N.partial``, then renamed: a folder without the suffix is whole. Keeps the
-    newest ``keep_checkpoints``.
+    Written to ``step-N.partial``, then renamed by rank 0 (when every worker's shards are in): a
+    folder without the suffix is whole. Keeps the newest ``keep_checkpoints``.
     """
-    import torch
+    import torch.distributed as dist
 
+    sharded = state.strategy is TrainStrategy.FSDP
+    if state.rank != 0 and not sharded:
+        return None
     folder = state.output / CHECKPOINTS
     partial = folder / f"step-{state.step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    saved = {
-        "model": state.student.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "projector": state.projector.state_dict() if state.projector is not None else None,
-        "step": state.step,
-    }
-    torch.save(saved, partial / "state.pt")
+    if state.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    trainer = {"scheduler": state.scheduler.state_dict(), "step": state.step}
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict_saver import save as save_shards
+
+        dist.barrier()  # the folder is there, and empty
+        weights, moments = get_state_dict(state.model, state.optimizer)
+        save_shards({"model": weights, "optimizer": moments}, checkpoint_id=partial)
+        if state.rank != 0:  # dcp.save returns once the metadata of every shard is written
+            return None
+        torch.save(trainer, partial / TRAINER_STATE)
+    else:
+        saved = {
+            "model": state.student.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "projector": state.projector.state_dict() if state.projector is not None else None,
+            **trainer,
+        }
+        torch.save(saved, partial / "state.pt")
     final = _publish(partial, folder / f"step-{state.step}")
     for old in complete_checkpoints(state.output)[: -state.job.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def save(state: TrainingState) -> Path:
-    """The final model in ``<output>/model``: safetensors, config, generation config, tokenizer."""
+def save(state: TrainingState) -> Path | None:
+    """The final model in ``<output>/model``: safetensors, config, generation config, tokenizer.
+    Every worker calls it; rank 0 writes. Under FSDP the full weights are gathered first, to
+    rank 0's CPU (a normal checkpoint: tied embeddings are saved once, as transformers does)."""
+    full = None
+    if state.strategy is TrainStrategy.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(state.student, options=options)
+    if state.rank != 0:
+        return None
     partial = state.output / f"{FINAL_MODEL}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    state.student.save_pretrained(partial, safe_serialization=True)
+    state.student.save_pretrained(partial, state_dict=full, safe_serialization=True)
     state.tokenizer.save_pretrained(partial)
     return _publish(partial, state.output / FINAL_MODEL)
 
@@ -612,8 +763,6 @@ def _run_with_ray(job: TrainJob) -> None:
     if in_ray_job():
         sizing = train_workers(cluster_workers())
     else:
-        import torch
-
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=True)
         gpu = torch.cuda.is_available()
@@ -687,5 +836,9 @@ def execute(context: StageContext, folder: Path) -> StageResult:
     shutil.copytree(model, folder / FINAL_MODEL)
     shutil.copy(Path(job.output) / METRICS_FILE, folder / METRICS_FILE)
     lines = [json.loads(x) for x in (folder / METRICS_FILE).read_text().splitlines() if x]
-    metrics = {"steps": len(lines), "finalLoss": lines[-1]["loss"] if lines else None}
+    metrics = {
+        "steps": len(lines),
+        "finalLoss": lines[-1]["loss"] if lines else None,
+        "strategy": lines[-1]["strategy"] if lines else None,
+    }
     return StageResult(metrics, {"generate": context.artifact("generate")})
