@@ -65,10 +65,10 @@ testcluster: tools ## Same as tools.
 
 .PHONY: upstream-crds
 upstream-crds: ## Check that the upstream KubeRay/KServe CRDs the cluster tests install are there.
-	@for d in kuberay-v1.5.0 kserve-v0.20.0; do \
+	@for d in kuberay-v1.6.2 kuberay-v1.5.0 kserve-v0.20.0; do \
 	  if [ ! -d "$(DISTILL_UPSTREAM_CRDS)/$$d" ]; then \
 	    echo "missing $(DISTILL_UPSTREAM_CRDS)/$$d: set DISTILL_UPSTREAM_CRDS to a folder with" >&2; \
-	    echo "kuberay-v1.5.0/ (KubeRay v1.5.0, ray-operator/config/crd/bases) and" >&2; \
+	    echo "kuberay-v1.6.2/ and kuberay-v1.5.0/ (KubeRay ray-operator/config/crd/bases) and" >&2; \
 	    echo "kserve-v0.20.0/ (KServe v0.20.0, config/crd/full), laid out as third_party/crds/" >&2; \
 	    exit 1; \
 	  fi; \

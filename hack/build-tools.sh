@@ -21,7 +21,7 @@
 set -euo pipefail
 
 HELM_VERSION=v4.3.1
-KUBERAY_VERSION=v1.5.0
+KUBERAY_VERSION=v1.6.2
 KUBE_SCORE_VERSION=v1.20.0
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,4 +1,4 @@
-"""Every RayJob the operator builds, judged by the real KubeRay operator (v1.5.0, built from its Go
+"""Every RayJob the operator builds, judged by the real KubeRay operator (v1.6.2, built from its Go
 module by ``make tools``): it must reach ``Initializing`` (never ``ValidationFailed``), and the
 pods KubeRay makes from it must carry what the Distillation asked for. A RayJob KubeRay refuses
 is followed through to the Distillation's Stalled condition with KubeRay's own message.
@@ -18,7 +18,15 @@ from distillation_operator.api import DistillationSpec
 from distillation_operator.builders.common import Images
 from distillation_operator.builders.rayjob import build_rayjob
 from distillation_runtime.plan import make_plan
-from support.cluster import REPO, ControlPlane
+from support.cluster import (
+    OLDEST_KUBERAY_CRDS,
+    OUR_CRD,
+    REPO,
+    ControlPlane,
+    require_tools,
+    server_dry_run,
+    start_control_plane,
+)
 from support.operator import Kube, OperatorProcess, start_kuberay, wait_for
 
 IMAGES = Images("registry.test/runtime:1", "registry.test/quantize:1", "registry.test/vllm:1")
@@ -83,6 +91,50 @@ def samples() -> list[tuple[str, dict[str, Any]]]:
         for path in sorted((REPO / "crds" / "samples").glob("*.yaml"))
     ]
     return [*found, ("everything", EVERYTHING)]
+
+
+@pytest.fixture(scope="module")
+def oldest_kuberay_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A control plane of its own with the oldest supported KubeRay's CRDs (v1.5.0) and ours."""
+    require_tools()
+    plane = start_control_plane(tmp_path_factory.mktemp("kuberay-oldest"))
+    try:
+        plane.apply_server_side(OLDEST_KUBERAY_CRDS, OUR_CRD)
+        plane.wait_established("rayjobs.ray.io", "distillations.distillation.dev")
+        yield plane.api_client()
+    finally:
+        plane.stop()
+
+
+@pytest.mark.parametrize(("sample", "spec"), samples(), ids=[s for s, _ in samples()])
+def test_every_built_rayjob_is_valid_under_the_oldest_supported_kuberay(
+    oldest_kuberay_api: Any, sample: str, spec: dict[str, Any]
+) -> None:
+    """KubeRay v1.5.0's schema (strict server-side dry run) takes every RayJob too: a cluster
+    that has not upgraded to the tested v1.6.2 still runs every stage."""
+    kube = Kube(oldest_kuberay_api, "default")
+    owner = kube.create_distillation(
+        {
+            "apiVersion": "distillation.dev/v1alpha1",
+            "kind": "Distillation",
+            "metadata": {"name": f"{sample}-{uuid.uuid4().hex[:4]}"},
+            "spec": spec,
+        }
+    )
+    model = DistillationSpec.model_validate(owner["spec"])
+    plan = make_plan(model.pipeline())
+    refused = {
+        stage.name: errors
+        for stage in plan.stages
+        if (
+            errors := server_dry_run(
+                oldest_kuberay_api,
+                build_rayjob(owner, model, plan, stage.name, 1, IMAGES),
+                "default",
+            )
+        )
+    }
+    assert refused == {}
 
 
 def pods_of(kube: Kube, rayjob: str) -> list[Any]:

@@ -31,7 +31,11 @@ DEFAULT_TOOLS_BIN = (
     / "bin"
 )
 UPSTREAM_CRDS = Path(os.environ.get("DISTILL_UPSTREAM_CRDS", REPO / "third_party" / "crds"))
-KUBERAY_CRDS = UPSTREAM_CRDS / "kuberay-v1.5.0"
+KUBERAY_VERSION = "v1.6.2"
+"""The KubeRay the tests build (hack/build-tools.sh) and whose CRDs they install."""
+KUBERAY_CRDS = UPSTREAM_CRDS / f"kuberay-{KUBERAY_VERSION}"
+OLDEST_KUBERAY_CRDS = UPSTREAM_CRDS / "kuberay-v1.5.0"
+"""The oldest KubeRay supported: every RayJob built is also dry-run against its schema."""
 KSERVE_CRDS = UPSTREAM_CRDS / "kserve-v0.20.0"
 OUR_CRD = REPO / "crds" / "distillation.dev_distillations.yaml"
 
@@ -204,7 +208,7 @@ def install_crds(plane: ControlPlane, *, ours: bool = True) -> None:
     if not KUBERAY_CRDS.is_dir() or not KSERVE_CRDS.is_dir():
         raise FileNotFoundError(
             f"upstream CRDs not found under {UPSTREAM_CRDS}: set DISTILL_UPSTREAM_CRDS to a "
-            "folder holding kuberay-v1.5.0/ (KubeRay v1.5.0 ray-operator config/crd/bases) and "
+            f"folder holding kuberay-{KUBERAY_VERSION}/ (ray-operator config/crd/bases) and "
             "kserve-v0.20.0/ (KServe v0.20.0 config/crd/full), from those upstream releases"
         )
     plane.apply_server_side(KUBERAY_CRDS, KSERVE_CRDS, *([OUR_CRD] if ours else []))
