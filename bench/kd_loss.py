@@ -24,13 +24,21 @@ more: the output gives the load average, and ``--threads 1`` takes that effect o
     python bench/kd_loss.py            # N=8192 tokens, H=256, V=32768 (V=131072 on a GPU)
     python bench/kd_loss.py --quick    # N=4096 tokens, V=32768, about a minute on 2 CPUs
 
+Against today's peer: TRL's ``DistillationTrainer`` has a chunked divergence of its own
+(``trl.trainer.distillation_trainer._chunked_divergence_loss``; its torch fallback without
+Triton). It computes the KD term alone, so a second comparison runs all three on that objective
+(forward KL at T = 1, no response term: ``plain-kd``, ``chunked-kd``, ``trl``) on the same
+inputs; ``--no-trl`` skips it (and it is skipped, saying so, where TRL is not installed).
+
 The last line is JSON with ``memory_ratio`` (plain peak / chunked peak) and ``time_ratio``
-(chunked time / plain time).
+(chunked time / plain time), and for the KD-only comparison ``trl_memory_ratio`` (TRL's peak /
+ours) and ``trl_time_ratio`` (our time / TRL's).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -42,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
+KD_ONLY_VARIANTS = ("plain-kd", "chunked-kd", "trl")
+"""The comparison with TRL: forward KL at T = 1 and no response term (what TRL's loss is)."""
 
 
 def _status_kib(field: str) -> int:
@@ -101,28 +111,46 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     teacher = OnlineTeacher(make(n, ht), make(v, ht, scale=ht**-0.5))
     targets = torch.randint(0, v, (n,), generator=gen).to(device)
     mask = torch.ones(n, dtype=torch.bool, device=device)
+    kd_only = args.worker in KD_ONLY_VARIANTS
     options: dict[str, Any] = {
         "target_ids": targets,
         "mask": mask,
         "teacher": teacher,
         "options": LogitLossOptions(
-            response_weight=1.0,
-            kd_weight=0.5,
+            response_weight=0.0 if kd_only else 1.0,
+            kd_weight=1.0 if kd_only else 0.5,
             divergence=Divergence.FORWARD_KL,
-            temperature=2.0,
+            temperature=1.0 if kd_only else 2.0,
             chunk_size=args.chunk_size,  # only the chunked loss reads it
         ),
     }
 
+    def ours() -> torch.Tensor:
+        if args.worker in ("chunked", "chunked-kd"):
+            return chunked_logit_losses(hidden, head, **options)["loss"]
+        return full_logit_losses(hidden, head, **options)["loss"]
+
+    def trl() -> torch.Tensor:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        # beta 0: TRL's generalized JSD is the forward KL(teacher || student); one sequence
+        loss, _entropy, _count = _chunked_divergence_loss(
+            hidden.unsqueeze(0),
+            teacher.hidden.unsqueeze(0),
+            head,
+            teacher.head,
+            mask.unsqueeze(0).long(),
+            beta=0.0,
+            temperature=1.0,
+        )
+        return loss
+
     def step() -> float:
         hidden.grad = None
         head.grad = None
-        if args.worker == "chunked":
-            out = chunked_logit_losses(hidden, head, **options)
-        else:
-            out = full_logit_losses(hidden, head, **options)
-        torch.autograd.backward(out["loss"])
-        loss = float(out["loss"].detach())
+        out = trl() if args.worker == "trl" else ours()
+        torch.autograd.backward(out)
+        loss = float(out.detach())
         del out
         return loss
 
@@ -184,6 +212,45 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(f"{'variant':<12}{'peak MiB':>12}{'median s':>12}{'runs s':>30}{'loss':>14}")
+    for r in rows:
+        runs = " ".join(f"{t:.2f}" for t in r["times_s"])
+        print(
+            f"{r['variant']:<12}{r['peak_bytes'] / MiB:>12.1f}{r['time_s']:>12.3f}"
+            f"{runs:>30}{r['loss']:>14.6f}"
+        )
+
+
+def trl_comparison(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Print the KD-only rows (plain, ours, TRL's) and return their ratios for the JSON line."""
+    plain, ours, trl = (results[v] for v in KD_ONLY_VARIANTS)
+    print("against TRL's chunked divergence: forward KL (T=1) alone, same inputs")
+    print_rows([plain, ours, trl])
+    memory_ratio = trl["peak_bytes"] / max(ours["peak_bytes"], 1)
+    time_ratio = ours["time_s"] / trl["time_s"]
+    print(f"memory ratio (TRL / ours): {memory_ratio:.1f}x")
+    print(f"time ratio (ours / TRL):   {time_ratio:.2f}x")
+    return {
+        "trl_memory_ratio": round(memory_ratio, 2),
+        "trl_time_ratio": round(time_ratio, 3),
+        "kd_plain_peak_mib": round(plain["peak_bytes"] / MiB, 1),
+        "kd_chunked_peak_mib": round(ours["peak_bytes"] / MiB, 1),
+        "trl_peak_mib": round(trl["peak_bytes"] / MiB, 1),
+        "kd_plain_time_s": round(plain["time_s"], 4),
+        "kd_chunked_time_s": round(ours["time_s"], 4),
+        "trl_time_s": round(trl["time_s"], 4),
+        "trl_loss_difference": abs(trl["loss"] - ours["loss"]),
+        "trl_version": _trl_version(),
+    }
+
+
+def _trl_version() -> str:
+    from importlib.metadata import version
+
+    return version("trl")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shape, about a minute")
@@ -196,7 +263,10 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
     )
-    parser.add_argument("--worker", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-trl", action="store_true", help="skip the comparison with TRL")
+    parser.add_argument(
+        "--worker", choices=["plain", "chunked", *KD_ONLY_VARIANTS], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
 
     if args.worker:
@@ -216,7 +286,9 @@ def main() -> None:
     # Other work on the machine slows many-small-op code (the chunked loss) more than
     # few-big-op code: each parallel op waits for its slowest thread. Say how busy it was.
     load_before = os.getloadavg()[0]
-    results = {variant: run_variant(variant, args) for variant in ("plain", "chunked")}
+    with_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    variants = ["plain", "chunked", *(KD_ONLY_VARIANTS if with_trl else ())]
+    results = {variant: run_variant(variant, args) for variant in variants}
     load_after = os.getloadavg()[0]
     plain, chunked = results["plain"], results["chunked"]
     memory_ratio = plain["peak_bytes"] / max(chunked["peak_bytes"], 1)
@@ -235,15 +307,13 @@ def main() -> None:
         f"{plain['threads']} threads, peak by {plain['peak_method']}, "
         f"load average {load_before:.1f} before / {load_after:.1f} after"
     )
-    print(f"{'variant':<10}{'peak MiB':>12}{'median s':>12}{'runs s':>30}{'loss':>14}")
-    for r in (plain, chunked):
-        runs = " ".join(f"{t:.2f}" for t in r["times_s"])
-        print(
-            f"{r['variant']:<10}{r['peak_bytes'] / MiB:>12.1f}{r['time_s']:>12.3f}"
-            f"{runs:>30}{r['loss']:>14.6f}"
-        )
+    print_rows([plain, chunked])
     print(f"memory ratio (plain / chunked): {memory_ratio:.1f}x")
     print(f"time ratio (chunked / plain):   {time_ratio:.2f}x")
+    against_trl = trl_comparison(results) if with_trl else {}
+    if not with_trl:
+        why = "--no-trl" if args.no_trl else "trl is not installed (the dev extra has it)"
+        print(f"the comparison with TRL's chunked divergence is skipped: {why}")
     summary = {
         "bench": "kd_loss",
         "memory_ratio": round(memory_ratio, 2),
@@ -260,6 +330,7 @@ def main() -> None:
         "torch_threads": plain["threads"],
         "gpu": gpu,
         "load_average": [round(load_before, 2), round(load_after, 2)],
+        **against_trl,
     }
     print(json.dumps(summary))
 
