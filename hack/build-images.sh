@@ -3,12 +3,13 @@
 #
 #   dist/images/distillation-operator-VERSION.oci.tar   kopf + the Kubernetes client, no torch
 #   dist/images/distillation-runtime-VERSION.oci.tar    torch (CUDA), transformers, Ray, the stages
+#   dist/images/distillation-runtime-vllm-VERSION.oci.tar   the runtime with vLLM (generate on GPUs)
 #   dist/images/distillation-quantize-VERSION.oci.tar   the runtime with llm-compressor's pins
 #   dist/images/distillation-runtime-VERSION-cpu.oci.tar   only when asked (IMAGES=runtime-cpu)
 #
 # tagged with the repositories the chart's values.yaml names and the version in pyproject.toml.
 #
-#   hack/build-images.sh [build] [IMAGE...]  build (default: operator runtime quantize)
+#   hack/build-images.sh [build] [IMAGE...]  build (default: operator runtime runtime-vllm quantize)
 #   hack/build-images.sh podman ARGS...      podman on the project's image storage (tests use it)
 #   hack/build-images.sh buildah ARGS...     buildah on the same storage
 #
@@ -60,8 +61,9 @@ app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$chart/C
   die "Chart.yaml appVersion is '$app_version' but pyproject.toml's version is '$version': make them equal"
 operator_repo=$(sed -n '/^image:/,/^[^ #]/ s/^  repository: *//p' "$chart/values.yaml")
 runtime_ref=$(sed -n '/^images:/,/^[^ #]/ s/^  runtime: *//p' "$chart/values.yaml")
+runtime_vllm_ref=$(sed -n '/^images:/,/^[^ #]/ s/^  runtimeVllm: *//p' "$chart/values.yaml")
 quantize_ref=$(sed -n '/^images:/,/^[^ #]/ s/^  quantize: *//p' "$chart/values.yaml")
-for ref in "$runtime_ref" "$quantize_ref"; do
+for ref in "$runtime_ref" "$runtime_vllm_ref" "$quantize_ref"; do
   [ "${ref##*:}" = "$version" ] ||
     die "values.yaml names stage image '$ref', whose tag is not the version $version: update values.yaml"
 done
@@ -73,8 +75,9 @@ image_spec() {
     operator) echo "operator $operator_repo $version - -" ;;
     runtime) echo "runtime ${runtime_ref%:*} $version cuda runtime" ;;
     runtime-cpu) echo "runtime ${runtime_ref%:*} $version-cpu cpu runtime" ;;
+    runtime-vllm) echo "runtime ${runtime_vllm_ref%:*} $version cuda runtime-vllm" ;;
     quantize) echo "runtime ${quantize_ref%:*} $version cuda quantize" ;;
-    *) die "unknown image '$1': operator, runtime, runtime-cpu or quantize" ;;
+    *) die "unknown image '$1': operator, runtime, runtime-cpu, runtime-vllm or quantize" ;;
   esac
 }
 
@@ -337,7 +340,7 @@ esac
 
 # shellcheck disable=SC2206 # IMAGES is a space-separated list
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(${IMAGES:-operator runtime quantize})
+[ ${#names[@]} -gt 0 ] || names=(${IMAGES:-operator runtime runtime-vllm quantize})
 for name in "${names[@]}"; do image_spec "$name" >/dev/null; done
 
 builder="${DISTILL_IMAGE_BUILDER:-}"

@@ -48,6 +48,7 @@ DEFAULT_IMAGES = Images(
     runtime="ghcr.io/distillation-dev/distillation-runtime:0.1.0",
     quantize="ghcr.io/distillation-dev/distillation-quantize:0.1.0",
     vllm="vllm/vllm-openai:v0.33.0",
+    runtime_vllm="ghcr.io/distillation-dev/distillation-runtime-vllm:0.1.0",
 )
 
 
@@ -57,6 +58,7 @@ def images_from_env(environ: Mapping[str, str]) -> Images:
         runtime=environ.get("DISTILLATION_RUNTIME_IMAGE") or DEFAULT_IMAGES.runtime,
         quantize=environ.get("DISTILLATION_QUANTIZE_IMAGE") or DEFAULT_IMAGES.quantize,
         vllm=environ.get("DISTILLATION_VLLM_IMAGE") or DEFAULT_IMAGES.vllm,
+        runtime_vllm=environ.get("DISTILLATION_RUNTIME_VLLM_IMAGE") or DEFAULT_IMAGES.runtime_vllm,
     )
 
 

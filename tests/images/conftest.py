@@ -56,6 +56,11 @@ def runtime_image(images: dict[str, Image]) -> Image:
 
 
 @pytest.fixture(scope="session")
+def runtime_vllm_image(images: dict[str, Image]) -> Image:
+    return loaded(images["runtime-vllm"])
+
+
+@pytest.fixture(scope="session")
 def quantize_image(images: dict[str, Image]) -> Image:
     return loaded(images["quantize"])
 

@@ -12,7 +12,12 @@ import pytest
 from support.images import Image, chart_images, project_version, require_image, skopeo_json
 
 SOURCE = "https://github.com/distillation-dev/distillation-operator"
-ENTRYPOINTS = {"operator": ["kopf", "run"], "runtime": ["distill"], "quantize": ["distill"]}
+ENTRYPOINTS = {
+    "operator": ["kopf", "run"],
+    "runtime": ["distill"],
+    "runtime-vllm": ["distill"],
+    "quantize": ["distill"],
+}
 OPERATOR_MAX_COMPRESSED_MB = 150
 
 IMAGES = list(chart_images().values())

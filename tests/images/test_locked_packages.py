@@ -7,12 +7,17 @@ import pytest
 
 from support.images import Image, installed_packages, locked_pins, project_version
 
-EXTRAS = {"operator": ("operator",), "runtime": ("runtime",), "quantize": ("runtime", "quantize")}
+EXTRAS = {
+    "operator": ("operator",),
+    "runtime": ("runtime",),
+    "runtime-vllm": ("runtime", "vllm"),
+    "quantize": ("runtime", "quantize"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXTRAS))
 def test_image_holds_exactly_the_locked_packages(name: str, request: pytest.FixtureRequest) -> None:
-    image: Image = request.getfixturevalue(f"{name}_image")
+    image: Image = request.getfixturevalue(f"{name.replace('-', '_')}_image")
     installed = installed_packages(image)
     assert installed.pop("distillation-operator") == project_version()
     expected = locked_pins(*EXTRAS[name])

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from support.cluster import REPO
-from support.images import Image, podman, project_version
+from support.images import Image, locked_pins, podman, project_version
 
 TINY = REPO / "examples" / "tiny"
 UID = 65532  # the images' user (the Dockerfiles' USER)
@@ -59,9 +60,11 @@ def tree_digests() -> dict[str, str]:
     return found
 
 
-def test_each_image_holds_this_checkouts_code(runtime_image: Image, quantize_image: Image) -> None:
+def test_each_image_holds_this_checkouts_code(
+    runtime_image: Image, runtime_vllm_image: Image, quantize_image: Image
+) -> None:
     """An image of changed code must run that code, not a cached build of an older tree."""
-    for image in (runtime_image, quantize_image):
+    for image in (runtime_image, runtime_vllm_image, quantize_image):
         done = podman("run", "--rm", "--entrypoint=python", image.ref, "-c", SOURCE_DIGESTS)
         installed = dict(line.split() for line in done.stdout.splitlines() if line.strip())
         stale = sorted(k for k, v in tree_digests().items() if installed.get(k) != v)
@@ -78,6 +81,29 @@ def test_quantize_image_imports_llm_compressor(quantize_image: Image) -> None:
         "import llmcompressor, compressed_tensors, distillation_runtime; print('ok')",
     )
     assert done.stdout.strip().endswith("ok")
+
+
+VLLM_ON_A_CPU = """
+import importlib.metadata as m, importlib.util, torch, vllm
+from distillation_runtime.spec import GenerateBackend
+from distillation_runtime.stages.generate import choose_backend
+print("vllm", m.version("vllm"), vllm.__version__)
+found = importlib.util.find_spec("vllm") is not None
+print("backend", choose_backend(GenerateBackend.AUTO, found, torch.cuda.device_count()))
+"""
+
+
+def test_runtime_vllm_image_imports_vllm_and_chooses_transformers_without_a_gpu(
+    runtime_vllm_image: Image,
+) -> None:
+    """vLLM as locked imports in the image; on this GPU-less machine `auto` picks transformers
+    (the generate test below runs it), the image's only CPU path."""
+    done = podman("run", "--rm", "--entrypoint=python", runtime_vllm_image.ref, "-c", VLLM_ON_A_CPU)
+    lines = dict(line.split(maxsplit=1) for line in done.stdout.splitlines() if " " in line)
+    locked = locked_pins("runtime", "vllm")["vllm"]
+    assert lines["vllm"].split() == [locked, locked]
+    assert lines["backend"] == "transformers"
+    assert "stage" in podman("run", "--rm", runtime_vllm_image.ref, "--help").stdout
 
 
 def prepare_tiny(work: Path, prompts: int) -> None:
@@ -107,9 +133,12 @@ def tiny_in_container(data: Path, prompts: int) -> dict[str, Any]:
     return spec
 
 
+@pytest.mark.parametrize("name", ["runtime", "runtime-vllm"])
 def test_runtime_image_runs_the_generate_stage_of_the_tiny_example(
-    runtime_image: Image, tmp_path: Path
+    name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """Both stage images that generate (the vLLM one with transformers: no GPU here)."""
+    runtime_image: Image = request.getfixturevalue(f"{name.replace('-', '_')}_image")
     data = tmp_path / "data"
     tiny_in_container(data, prompts=40)
 

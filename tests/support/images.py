@@ -60,6 +60,7 @@ def chart_images() -> dict[str, Image]:
     return {
         "operator": Image("operator", f"{values['image']['repository']}:{operator_tag}"),
         "runtime": Image("runtime", values["images"]["runtime"]),
+        "runtime-vllm": Image("runtime-vllm", values["images"]["runtimeVllm"]),
         "quantize": Image("quantize", values["images"]["quantize"]),
     }
 

@@ -146,6 +146,31 @@ def test_existing_cluster_kueue_deadline_and_quantize_image() -> None:
     assert head["containers"][0]["image"] == "reg/quantize:1"
 
 
+@pytest.mark.parametrize(
+    ("backend", "gpus", "image"),
+    [
+        ("auto", 1, "reg/runtime-vllm:1"),
+        ("vllm", 2, "reg/runtime-vllm:1"),
+        ("auto", 0, "reg/runtime:1"),  # no GPU: auto means transformers, no vLLM needed
+        ("transformers", 1, "reg/runtime:1"),
+    ],
+)
+def test_generate_on_gpus_runs_the_runtime_image_with_vllm(
+    backend: str, gpus: int, image: str
+) -> None:
+    images = Images("reg/runtime:1", "reg/quantize:1", "reg/vllm:1", "reg/runtime-vllm:1")
+    obj = body(generate={"backend": backend}, placement={"workers": {"gpus": gpus}})
+    spec = DistillationSpec.model_validate(obj["spec"])
+    plan = make_plan(spec.pipeline())
+    images_of = {
+        name: build_rayjob(obj, spec, plan, name, 1, images)["spec"]["rayClusterSpec"][
+            "workerGroupSpecs"
+        ][0]["template"]["spec"]["containers"][0]["image"]
+        for name in ("generate", "train")
+    }
+    assert images_of == {"generate": image, "train": "reg/runtime:1"}
+
+
 def test_distill_stage_reads_the_spec_from_the_named_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

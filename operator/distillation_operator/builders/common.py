@@ -31,6 +31,10 @@ class Images:
     runtime: str
     quantize: str
     vllm: str
+    """The vLLM server the InferenceService runs."""
+    runtime_vllm: str | None = None
+    """The runtime image with vLLM: a stage that generates with vLLM on GPU pods (generate);
+    None: the runtime image."""
 
 
 def fit_name(name: str, max_length: int) -> str:

@@ -94,13 +94,24 @@ def stage_workers(spec: DistillationSpec, stage: str) -> StagePlacement:
 
 def stage_image(spec: DistillationSpec, stage: str, images: Images) -> str:
     """The image of ``stage``: a per-stage override, else the image of its kind (the stage
-    table's): the quantize image or the runtime image."""
+    table's): the quantize image, the runtime image with vLLM (a stage that generates with vLLM
+    on GPU pods), or the runtime image."""
     override = stage_override(spec, stage)
     if override is not None and override.image:
         return override.image
     if definition(stage).image is ImageKind.QUANTIZE:
         return spec.placement.quantize_image or images.quantize
-    return spec.placement.image or images.runtime
+    if spec.placement.image:
+        return spec.placement.image
+    if runs_vllm(spec, stage):
+        return images.runtime_vllm or images.runtime
+    return images.runtime
+
+
+def runs_vllm(spec: DistillationSpec, stage: str) -> bool:
+    """Whether ``stage`` generates with vLLM: the spec lets it (backend vllm or auto) and its
+    pods have GPUs (vLLM runs on GPUs only; on CPU pods auto means transformers)."""
+    return definition(stage).uses_vllm(spec) and (stage_workers(spec, stage).gpus or 0) > 0
 
 
 def secret_env(spec: DistillationSpec) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from distillation_runtime.spec import LogitSource, PipelineSpec, QuantScheme
+from distillation_runtime.spec import GenerateBackend, LogitSource, PipelineSpec, QuantScheme
 from distillation_runtime.stages.base import (
     MODEL_DIR,
     SPEC_PROBLEMS,
@@ -194,6 +194,7 @@ STAGES: list[StageDefinition] = [
         condition="TeacherDataGenerated",
         fingerprint=_generate_config,
         placement_doc="Teacher generation workers.",
+        uses_vllm=lambda spec: spec.generate.backend is not GenerateBackend.TRANSFORMERS,
         results=("records", "tokensPerSecond"),
     ),
     StageDefinition(

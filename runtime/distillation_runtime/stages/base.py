@@ -39,6 +39,9 @@ class ImageKind(StrEnum):
     """Which container image a stage's pods run (``images.*`` in the chart)."""
 
     RUNTIME = "runtime"
+    RUNTIME_VLLM = "runtimeVllm"
+    """The runtime plus vLLM (the ``vllm`` extra): a stage that generates with vLLM on GPUs
+    (``StageDefinition.uses_vllm``)."""
     QUANTIZE = "quantize"  # llm-compressor pins versions the runtime image cannot take
 
 
@@ -141,6 +144,9 @@ class StageDefinition:
     shared_placement: bool = True
     """Whether ``placement.workers`` sizes its pods too; the CPU-only preflight takes only its own
     ``placement.stages`` section (no GPU is held for a config check)."""
+    uses_vllm: Callable[[PipelineSpec], bool] = _never
+    """Whether the stage generates with vLLM under this spec when its pods have GPUs (backend
+    vllm, or auto): those pods then run the runtime image with vLLM (``images.runtimeVllm``)."""
     spreads: Callable[[PipelineSpec], bool] = _never
     """Whether the stage spreads its work over several Ray workers itself (Ray Train with
     ``train.workers > 1``). Such a stage runs in the RayJob's driver on the head; every other
