@@ -93,6 +93,21 @@ def samples() -> list[tuple[str, dict[str, Any]]]:
     return [*found, ("everything", EVERYTHING)]
 
 
+def created(kube: Kube, sample: str, spec: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """The Distillation of ``spec`` as the API server stored it (defaults applied), its model and
+    its plan: what the operator builds RayJobs from."""
+    owner = kube.create_distillation(
+        {
+            "apiVersion": "distillation.dev/v1alpha1",
+            "kind": "Distillation",
+            "metadata": {"name": f"{sample}-{uuid.uuid4().hex[:4]}"},
+            "spec": spec,
+        }
+    )
+    model = DistillationSpec.model_validate(owner["spec"])
+    return owner, model, make_plan(model.pipeline())
+
+
 @pytest.fixture(scope="module")
 def oldest_kuberay_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A control plane of its own with the oldest supported KubeRay's CRDs (v1.5.0) and ours."""
@@ -113,16 +128,7 @@ def test_every_built_rayjob_is_valid_under_the_oldest_supported_kuberay(
     """KubeRay v1.5.0's schema (strict server-side dry run) takes every RayJob too: a cluster
     that has not upgraded to the tested v1.6.2 still runs every stage."""
     kube = Kube(oldest_kuberay_api, "default")
-    owner = kube.create_distillation(
-        {
-            "apiVersion": "distillation.dev/v1alpha1",
-            "kind": "Distillation",
-            "metadata": {"name": f"{sample}-{uuid.uuid4().hex[:4]}"},
-            "spec": spec,
-        }
-    )
-    model = DistillationSpec.model_validate(owner["spec"])
-    plan = make_plan(model.pipeline())
+    owner, model, plan = created(kube, sample, spec)
     refused = {
         stage.name: errors
         for stage in plan.stages
@@ -159,16 +165,7 @@ def test_every_built_rayjob_initializes_under_kuberay(
     kube = Kube(api, kuberay)
     spec = dict(spec)
     spec["placement"] = {k: v for k, v in spec.get("placement", {}).items() if k != "queueName"}
-    owner = kube.create_distillation(
-        {
-            "apiVersion": "distillation.dev/v1alpha1",
-            "kind": "Distillation",
-            "metadata": {"name": f"{sample}-{uuid.uuid4().hex[:4]}"},
-            "spec": spec,
-        }
-    )
-    model = DistillationSpec.model_validate(owner["spec"])
-    plan = make_plan(model.pipeline())
+    owner, model, plan = created(kube, sample, spec)
     names = []
     for stage in plan.stages:
         rayjob = build_rayjob(owner, model, plan, stage.name, 1, IMAGES)
