@@ -27,7 +27,13 @@ from distillation_runtime.demo import (
 )
 from distillation_runtime.records import write_parquet
 from distillation_runtime.spec import QuantizeSpec
-from distillation_runtime.stages.quantize import MODEL_DIR, REPORT_FILE, QuantizeJob, run
+from distillation_runtime.stages.quantize import (
+    MODEL_DIR,
+    REPORT_FILE,
+    QuantizeJob,
+    QuantizeResult,
+    run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,19 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     records = gold_records(tokenizer, sample_examples("addition", 32, seed=0))
     write_parquet(records, root / "train.parquet")
     return folder, root / "train.parquet"
+
+
+def quantise(student: tuple[Path, Path], output: Path, spec: QuantizeSpec) -> QuantizeResult:
+    """One quantisation of the test student, calibrated on its records at length 32."""
+    model, calibration = student
+    job = QuantizeJob(
+        model=str(model),
+        output=str(output),
+        quantize=spec,
+        calibration=str(calibration),
+        max_seq_length=32,
+    )
+    return run(job)
 
 
 def tensor_dtypes(folder: Path) -> dict[str, Any]:
@@ -79,15 +98,8 @@ def test_scheme_writes_a_compressed_tensors_checkpoint_that_generates(
     capability: str,
     packed_key: str,
 ) -> None:
-    model_dir, calibration = student
-    result = run(
-        QuantizeJob(
-            model=str(model_dir),
-            output=str(tmp_path),
-            quantize=QuantizeSpec.model_validate({"scheme": scheme, "calibrationSamples": 16}),
-            calibration=str(calibration),
-            max_seq_length=32,
-        )
+    result = quantise(
+        student, tmp_path, QuantizeSpec.model_validate({"scheme": scheme, "calibrationSamples": 16})
     )
     config = json.loads((tmp_path / MODEL_DIR / "config.json").read_text())
     quantization = config["quantization_config"]
@@ -185,15 +197,7 @@ def test_gptq_activation_order_and_dampening_reach_the_checkpoint(
             "gptq": {"actOrder": order, "dampeningFrac": "0.1"},
         }
     )
-    result = run(
-        QuantizeJob(
-            model=str(student[0]),
-            output=str(tmp_path),
-            quantize=spec,
-            calibration=str(student[1]),
-            max_seq_length=32,
-        )
-    )
+    result = quantise(student, tmp_path, spec)
     assert result.algorithm == "GPTQ"
     weights = int4_weights(tmp_path)
     assert weights["actorder"] == written  # vLLM reads it: group needs its reordering kernels
@@ -211,15 +215,7 @@ def test_awq_writes_asymmetric_int4_with_zero_points_that_generates(
     spec = QuantizeSpec.model_validate(
         {"scheme": "W4A16", "calibrationSamples": 16, "w4a16Algorithm": "AWQ"}
     )
-    result = run(
-        QuantizeJob(
-            model=str(student[0]),
-            output=str(tmp_path),
-            quantize=spec,
-            calibration=str(student[1]),
-            max_seq_length=32,
-        )
-    )
+    result = quantise(student, tmp_path, spec)
     assert result.algorithm == "AWQ"
     assert result.format == "pack-quantized"
     assert int4_weights(tmp_path)["symmetric"] is False
