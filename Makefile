@@ -109,7 +109,7 @@ check: lint tools upstream-crds ## The developer loop: lint, then unit, stage an
 	$(BIN)/pytest
 
 # What CI runs (.ci/run): everything, each part in the environment it needs.
-test: check test-quantize test-images ## Everything: check, the quantize tests (own env), the images.
+test: check test-quantize test-images test-e2e ## Everything: check, quantize (own env), images, the node tier.
 
 .PHONY: images
 images: ## Build the operator, runtime and quantize images into dist/images/ (OCI archives).
@@ -118,6 +118,21 @@ images: ## Build the operator, runtime and quantize images into dist/images/ (OC
 .PHONY: test-images
 test-images: venv tools upstream-crds images ## Build the images, then run them (podman): tests/images.
 	DISTILL_UV=$(UV) DISTILL_CACHE_DIR=$(CACHE_DIR) $(BIN)/pytest -m images tests/images
+
+# The node tier (tests/e2e): Debian's containerd, runc, CNI plugins and iptables run the pods.
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables iproute2 kmod
+
+.PHONY: node-deps
+node-deps: ## Install the node tier's Debian packages (root; apt-get), unless they are there.
+	@missing=$$(for p in $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing (apt-get)" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+.PHONY: test-e2e
+test-e2e: venv tools upstream-crds images node-deps ## A real node beside the control plane: the chart, KubeRay and the stages in pods.
+	$(BIN)/pytest -m e2e_node -rA tests/e2e
 
 .PHONY: clean
 clean: ## Remove caches inside the clone (the shared environment stays).

@@ -12,6 +12,11 @@
 #   kube-score   github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION (scores the
 #                chart's rendered manifests, tests/cluster/test_helm_chart.py); built once
 #                per version, about 1.5 minutes cold
+#   coredns      github.com/coredns/coredns@$COREDNS_VERSION: the node tier's DNS (testcluster
+#                node); built once per version
+#   pause        hack/testcluster/pause, the node's pod sandbox process (built with testcluster)
+#   images/      OCI archives the node tier imports: the pause image and the KubeRay operator's
+#                image, each one static binary packed by `testcluster image-from-binary`
 #
 # Environment:
 #   DISTILL_TOOLS_DIR  tools folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/distillation-operator/tools)
@@ -23,6 +28,9 @@ set -euo pipefail
 HELM_VERSION=v4.3.1
 KUBERAY_VERSION=v1.6.2
 KUBE_SCORE_VERSION=v1.20.0
+COREDNS_VERSION=v1.15.0
+# The sandbox image name containerd is configured with (testcluster node --sandbox-image).
+PAUSE_IMAGE=localhost/distill-node/pause:1
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/testcluster"
@@ -69,14 +77,14 @@ want_hash="$(
 		go env GOOS GOARCH
 		echo "$ldflags"
 		cd "$src"
-		for f in go.mod go.sum $(ls ./*.go | LC_ALL=C sort); do
+		for f in go.mod go.sum $(ls ./*.go ./pause/*.go | LC_ALL=C sort); do
 			echo "== $f"
 			cat "$f"
 		done
 	} | sha256
 )"
 have_hash="$(cat "$tools/testcluster.hash" 2>/dev/null || true)"
-if [[ -x "$tools/testcluster" && "$have_hash" == "$want_hash" ]]; then
+if [[ -x "$tools/testcluster" && -x "$tools/pause" && "$have_hash" == "$want_hash" ]]; then
 	log "testcluster up to date ($k8s_version)"
 else
 	log "building testcluster (Kubernetes $k8s_version) (several minutes when the Go build cache is cold)..."
@@ -84,6 +92,7 @@ else
 	tmp="$tools/testcluster.tmp.$$"
 	trap 'rm -f "$tmp"' EXIT
 	(cd "$src" && go build -mod=readonly -trimpath -ldflags "$ldflags" -o "$tmp" .)
+	(cd "$src" && go build -mod=readonly -trimpath -ldflags "-s -w" -o "$tools/pause" ./pause)
 	mv -f "$tmp" "$tools/testcluster"
 	trap - EXIT
 	echo "$want_hash" >"$tools/testcluster.hash"
@@ -121,6 +130,26 @@ go_install_once "kuberay-operator $KUBERAY_VERSION" "$tools/kuberay-$KUBERAY_VER
 go_install_once "kube-score $KUBE_SCORE_VERSION" "$tools/kube-score-$KUBE_SCORE_VERSION" kube-score \
 	"-s -w -X main.version=$KUBE_SCORE_VERSION" "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
 
+go_install_once "coredns $COREDNS_VERSION" "$tools/coredns-$COREDNS_VERSION" coredns \
+	"-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+
+# --- images the node tier imports -------------------------------------------------
+# image_from_binary ARCHIVE BINARY REF [FLAGS]: pack BINARY unless ARCHIVE is newer than it.
+image_from_binary() {
+	local archive=$1 binary=$2 ref=$3
+	shift 3
+	if [[ -f "$archive" && "$archive" -nt "$binary" ]]; then
+		return
+	fi
+	"$tools/testcluster" image-from-binary --binary "$binary" --ref "$ref" --out "$archive" "$@"
+	log "packed $ref into $archive"
+}
+mkdir -p "$tools/images"
+image_from_binary "$tools/images/pause.oci.tar" "$tools/pause" "$PAUSE_IMAGE" --path /pause
+image_from_binary "$tools/images/kuberay-operator-$KUBERAY_VERSION.oci.tar" \
+	"$tools/kuberay-$KUBERAY_VERSION/ray-operator" "localhost/kuberay/operator:$KUBERAY_VERSION" \
+	--path /manager --user 65532:65532
+
 # --- bin/ ------------------------------------------------------------------------
 # kubectl is the testcluster binary invoked under the name "kubectl".
 ln -sfn ../testcluster "$bin/testcluster"
@@ -128,5 +157,6 @@ ln -sfn ../testcluster "$bin/kubectl"
 ln -sfn "../helm-$HELM_VERSION/helm" "$bin/helm"
 ln -sfn "../kuberay-$KUBERAY_VERSION/ray-operator" "$bin/kuberay-operator"
 ln -sfn "../kube-score-$KUBE_SCORE_VERSION/kube-score" "$bin/kube-score"
+ln -sfn "../coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
 
 echo "$bin"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,6 @@ class Printer:
         with self._lock:
             for line in text.splitlines() or [""]:
                 print(f"{prefix}{line}", flush=True)
-
-
-def now() -> str:
-    """A Kubernetes timestamp (RFC 3339 in UTC, seconds), as KubeRay and KServe write them."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def distill_command() -> list[str]:

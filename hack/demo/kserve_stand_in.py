@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from demo_common import KSERVE_STAND_IN, Printer, child_env, distill_command, now, tail
+from demo_common import KSERVE_STAND_IN, Printer, child_env, distill_command, tail
 
+from support.kserve import predictor_container, ready_status, served_model_name, storage_uri
 from support.net import free_port
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
@@ -50,32 +51,6 @@ class Server:
     stderr: Path
     ready: bool = False
     failed: bool = False
-
-
-def predictor_container(isvc: dict[str, Any]) -> dict[str, Any]:
-    """The predictor's first container: the one the operator's builder fills."""
-    predictor = (isvc.get("spec") or {}).get("predictor") or {}
-    containers = predictor.get("containers") or [{}]
-    return dict(containers[0])
-
-
-def storage_uri(container: dict[str, Any]) -> str:
-    """The model the operator asked KServe to serve (the container's ``STORAGE_URI``)."""
-    for entry in container.get("env") or []:
-        if entry.get("name") == "STORAGE_URI" and entry.get("value"):
-            return str(entry["value"])
-    raise ValueError("the predictor container has no STORAGE_URI")
-
-
-def served_model_name(container: dict[str, Any]) -> str | None:
-    """The ``--served-model-name`` the builder passes to vLLM (requests use it as ``model``)."""
-    args = [str(a) for a in container.get("args") or []]
-    for i, arg in enumerate(args):
-        if arg == "--served-model-name" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--served-model-name="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def healthy(url: str) -> bool:
@@ -155,7 +130,7 @@ class KServeStandIn:
             uri = storage_uri(container)
         except ValueError as err:  # nothing to serve: said once, as KServe's status says it
             self.refused.add(meta["uid"])
-            self.patch(isvc, self.status(isvc, "False", "", str(err)))
+            self.patch(isvc, ready_status(isvc, "False", "", str(err)))
             self.say(f"{meta['name']}: not served: {err}")
             return
         port = free_port()
@@ -196,30 +171,12 @@ class KServeStandIn:
             server.failed = True
             reason = tail(server.stderr)
             self.say(f"{server.name}: its server exited {server.process.returncode}:\n{reason}")
-            self.patch(isvc, self.status(isvc, "False", server.url, f"server exited: {reason}"))
+            self.patch(isvc, ready_status(isvc, "False", server.url, f"server exited: {reason}"))
             return
         if healthy(server.url):
             server.ready = True
-            self.patch(isvc, self.status(isvc, "True", server.url))
+            self.patch(isvc, ready_status(isvc, "True", server.url))
             self.say(f"{server.name}: /health answers 200; Ready at {server.url}")
-
-    @staticmethod
-    def status(isvc: dict[str, Any], ready: str, url: str, message: str = "") -> dict[str, Any]:
-        """The status KServe writes: conditions for the generation it has seen, and the URL."""
-        stamp = now()
-        conditions = []
-        for type_ in ("IngressReady", "PredictorReady", "Ready"):
-            entry = {"type": type_, "status": ready, "lastTransitionTime": stamp}
-            if message and ready != "True":
-                entry |= {"reason": "ServerFailed", "message": message[-1000:]}
-            conditions.append(entry)
-        status: dict[str, Any] = {
-            "observedGeneration": isvc["metadata"].get("generation"),
-            "conditions": conditions,
-        }
-        if ready == "True":
-            status |= {"url": url, "address": {"url": url}}
-        return status
 
     def patch(self, isvc: dict[str, Any], status: dict[str, Any]) -> None:
         """Merge ``status`` into the InferenceService's status subresource."""

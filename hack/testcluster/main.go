@@ -1,7 +1,8 @@
 // Command testcluster is a multi-call binary that bundles a minimal Kubernetes
 // control plane for tests: etcd (embedded), kube-apiserver,
 // kube-controller-manager and kubectl, plus an "up" command that runs them
-// together as child processes.
+// together as child processes; and the parts of a node (kubelet, kube-scheduler,
+// kube-proxy) with a "node" command that runs them beside containerd.
 //
 // Dispatch is on the first argument (testcluster kubectl get ns) or, when the
 // binary is invoked through a symlink, on the name it was invoked as
@@ -9,6 +10,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -27,6 +29,9 @@ import (
 
 	apiserverapp "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	kcmapp "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxyapp "k8s.io/kubernetes/cmd/kube-proxy/app"
+	schedulerapp "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubeletapp "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 const usage = `usage: testcluster COMMAND [ARGS...]
@@ -38,6 +43,12 @@ commands:
   kube-apiserver [flags]       upstream kube-apiserver
   kube-controller-manager ...  upstream kube-controller-manager
   kubectl [args]               upstream kubectl
+  node --dir DIR --kubeconfig K [flags]
+                               a node beside 'up': containerd, kubelet, kube-scheduler,
+                               kube-proxy, CoreDNS (see: testcluster node --help)
+  node-clean --dir DIR         undo what a killed 'node' left (pods, mounts, rules, bridge)
+  image-from-binary [flags]    pack a static binary as an OCI image archive
+  kubelet, kube-scheduler, kube-proxy [flags]   upstream commands, unchanged
   version                      print the bundled Kubernetes version
 `
 
@@ -45,7 +56,7 @@ func main() {
 	name := filepath.Base(os.Args[0])
 	args := os.Args[1:]
 	switch name {
-	case "kubectl", "kube-apiserver", "kube-controller-manager", "etcd":
+	case "kubectl", "kube-apiserver", "kube-controller-manager", "etcd", "kubelet", "kube-scheduler", "kube-proxy":
 		// invoked through a symlink named after the component
 	default:
 		if len(args) == 0 {
@@ -65,6 +76,21 @@ func main() {
 	case "kube-controller-manager":
 		startParentWatchdog()
 		os.Exit(cli.Run(kcmapp.NewControllerManagerCommand()))
+	case "kubelet":
+		startParentWatchdog()
+		os.Exit(cli.Run(kubeletapp.NewKubeletCommand(context.Background())))
+	case "kube-scheduler":
+		startParentWatchdog()
+		os.Exit(cli.Run(schedulerapp.NewSchedulerCommand()))
+	case "kube-proxy":
+		startParentWatchdog()
+		os.Exit(cli.Run(proxyapp.NewProxyCommand()))
+	case "node":
+		os.Exit(runNode(args))
+	case "node-clean":
+		os.Exit(runNodeClean(args))
+	case "image-from-binary":
+		os.Exit(runImageFromBinary(args))
 	case "kubectl":
 		runKubectl()
 	case "etcd":

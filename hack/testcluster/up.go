@@ -129,6 +129,24 @@ func tailFile(path string, lines int) string {
 	return strings.Join(buf, "\n")
 }
 
+// nodeControllers are what pods on a node need from kube-controller-manager: ServiceAccounts
+// and the root CA ConfigMap (every pod mounts both), Deployments down to Pods, Jobs (KubeRay's
+// submitter), Services' endpoints, PersistentVolume binding, and the garbage collector.
+var nodeControllers = []string{
+	"garbage-collector-controller", "namespace-controller",
+	"serviceaccount-controller", "root-ca-certificate-publisher-controller",
+	"deployment-controller", "replicaset-controller", "job-controller",
+	"endpoints-controller", "endpointslice-controller", "endpointslice-mirroring-controller",
+	"persistentvolume-binder-controller", "pod-garbage-collector-controller",
+	"ttl-after-finished-controller",
+}
+
+func flagGiven(fs *flag.FlagSet, name string) bool {
+	given := false
+	fs.Visit(func(f *flag.Flag) { given = given || f.Name == name })
+	return given
+}
+
 func runUp(args []string) int {
 	fs := flag.NewFlagSet("up", flag.ContinueOnError)
 	dirFlag := fs.String("dir", "", "working directory for certificates, kubeconfig, etcd data and logs (required; created if missing)")
@@ -138,6 +156,8 @@ func runUp(args []string) int {
 	keepData := fs.Bool("keep-data", false, "reuse etcd data left in DIR by a previous run (default: start empty)")
 	exitWithParent := fs.Bool("exit-with-parent", true, "stop the cluster when the process that started 'up' exits")
 	timeout := fs.Duration("timeout", 120*time.Second, "how long to wait for the control plane to become ready")
+	nodeIP := fs.String("node-ip", "", "serve a node's pods ('testcluster node'): listen on every interface, "+
+		"advertise this IP as the kubernetes service's endpoint, admit ServiceAccounts and run the controllers pods need")
 	var apiserverArgs, kcmArgs, etcdArgs stringList
 	fs.Var(&apiserverArgs, "apiserver-arg", "extra kube-apiserver flag, e.g. --apiserver-arg=--v=2 (repeatable)")
 	fs.Var(&kcmArgs, "controller-manager-arg", "extra kube-controller-manager flag (repeatable)")
@@ -147,6 +167,9 @@ func runUp(args []string) int {
 			return 0
 		}
 		return 2
+	}
+	if *nodeIP != "" && !flagGiven(fs, "controllers") {
+		*controllers = strings.Join(nodeControllers, ",")
 	}
 	if *dirFlag == "" || fs.NArg() != 0 {
 		fmt.Fprintln(os.Stderr, "usage: testcluster up --dir DIR [flags]")
@@ -234,44 +257,10 @@ func runUp(args []string) int {
 		return fail("write kubeconfig: %v", err)
 	}
 
-	var children []*child
-	exitedCh := make(chan *child, 4)
-	start := func(name string, args ...string) (*child, error) {
-		logPath := filepath.Join(dir, name+".log")
-		f, err := os.Create(logPath)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close() // the child keeps its own descriptor
-		cmd := exec.Command(self, append([]string{name}, args...)...)
-		cmd.Args[0] = "testcluster"
-		cmd.Stdin = nil
-		cmd.Stdout = f
-		cmd.Stderr = f
-		cmd.Dir = dir
-		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d", parentPIDEnv, os.Getpid()))
-		cmd.SysProcAttr = childSysProcAttr()
-		if err := cmd.Start(); err != nil {
-			return nil, fmt.Errorf("start %s: %w", name, err)
-		}
-		c := &child{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
-		go func() {
-			c.err = cmd.Wait()
-			close(c.done)
-			exitedCh <- c
-		}()
-		children = append(children, c)
-		logf("started %s (pid %d), log %s", name, cmd.Process.Pid, logPath)
-		return c, nil
-	}
-	byName := func(name string) *child {
-		for _, c := range children {
-			if c.name == name {
-				return c
-			}
-		}
-		return nil
-	}
+	sup := newSupervisor(dir, logf)
+	exitedCh := sup.exited
+	start := func(name string, args ...string) (*child, error) { return sup.startSelf(self, name, args...) }
+	byName := sup.byName
 	shutdown := func() {
 		var wg sync.WaitGroup
 		for _, name := range []string{"kube-controller-manager", "kube-apiserver"} {
@@ -336,12 +325,19 @@ func runUp(args []string) int {
 	}
 
 	// kube-apiserver
-	if _, err := start("kube-apiserver", append([]string{
+	bind, advertise, reconciler := "127.0.0.1", "127.0.0.1", "none"
+	admission := []string{"--disable-admission-plugins=ServiceAccount"}
+	if *nodeIP != "" {
+		// Pods reach the API server at the kubernetes service's ClusterIP, which kube-proxy
+		// forwards to the endpoint the API server itself keeps (the lease reconciler).
+		bind, advertise, reconciler, admission = "0.0.0.0", *nodeIP, "lease", nil
+	}
+	if _, err := start("kube-apiserver", append(append([]string{
 		"--etcd-servers=" + etcdURL,
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		"--bind-address=" + bind,
+		"--advertise-address=" + advertise,
 		"--secure-port=" + strconv.Itoa(apiPort),
-		"--endpoint-reconciler-type=none",
+		"--endpoint-reconciler-type=" + reconciler,
 		"--tls-cert-file=" + p.ServingCert,
 		"--tls-private-key-file=" + p.ServKey,
 		"--client-ca-file=" + p.CACert,
@@ -350,10 +346,9 @@ func runUp(args []string) int {
 		"--service-account-signing-key-file=" + p.ServiceAccountKey,
 		"--service-cluster-ip-range=10.0.0.0/24",
 		"--authorization-mode=RBAC",
-		"--disable-admission-plugins=ServiceAccount",
 		"--allow-privileged=true",
 		"--cert-dir=" + filepath.Join(dir, "kube-apiserver"),
-	}, apiserverArgs...)...); err != nil {
+	}, admission...), apiserverArgs...)...); err != nil {
 		shutdown()
 		return fail("%v", err)
 	}
@@ -395,7 +390,7 @@ func runUp(args []string) int {
 	state := map[string]any{
 		"server": server, "kubeconfig": kubeconfig, "etcd": etcdURL, "pid": os.Getpid(),
 	}
-	for _, c := range children {
+	for _, c := range sup.children {
 		state[c.name+"_pid"] = c.cmd.Process.Pid
 	}
 	if b, err := json.MarshalIndent(state, "", "  "); err == nil {

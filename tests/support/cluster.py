@@ -167,14 +167,14 @@ class ControlPlane:
             self.process.wait()
 
 
-def start_control_plane(workdir: Path, timeout: float = 120) -> ControlPlane:
-    """Start ``testcluster up`` and wait for its READY line (its other lines are progress)."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def start_until_ready(
+    command: Sequence[str], marker: str, timeout: float
+) -> tuple[subprocess.Popen[str], dict[str, str], str]:
+    """Start a long-running ``testcluster`` command and wait for the line starting with
+    ``marker`` (its other lines are progress). Returns the process, that line's ``key=value``
+    fields, and everything it printed until then."""
     process = subprocess.Popen(
-        [str(tool("testcluster")), "up", "--dir", str(workdir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -194,13 +194,35 @@ def start_control_plane(workdir: Path, timeout: float = 120) -> ControlPlane:
             break
         if line is None:
             process.wait()
-            raise RuntimeError(f"testcluster up exited {process.returncode}:\n{''.join(seen)}")
+            raise CommandExitedError(process.returncode, "".join(seen))
         seen.append(line)
-        if line.startswith("READY "):
-            fields = dict(part.split("=", 1) for part in line.split()[1:])
-            return ControlPlane(Path(fields["kubeconfig"]), process)
+        if line.startswith(marker):
+            fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+            return process, fields, "".join(seen)
     process.kill()
-    raise RuntimeError(f"testcluster up not READY after {timeout}s:\n{''.join(seen)}")
+    raise RuntimeError(f"{command[1]} not {marker.strip()} after {timeout}s:\n{''.join(seen)}")
+
+
+class CommandExitedError(RuntimeError):
+    """A ``testcluster`` command exited before it was ready."""
+
+    def __init__(self, returncode: int, output: str) -> None:
+        super().__init__(f"exited {returncode}:\n{output}")
+        self.returncode = returncode
+        self.output = output
+
+
+def start_control_plane(
+    workdir: Path, timeout: float = 120, extra_args: Sequence[str] = ()
+) -> ControlPlane:
+    """Start ``testcluster up`` and wait for its READY line."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [str(tool("testcluster")), "up", "--dir", str(workdir), *extra_args]
+    try:
+        process, fields, _ = start_until_ready(command, "READY ", timeout)
+    except CommandExitedError as err:
+        raise RuntimeError(f"testcluster up {err}") from None
+    return ControlPlane(Path(fields["kubeconfig"]), process)
 
 
 def install_crds(plane: ControlPlane, *, ours: bool = True) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from distillation_operator.reconcile import (
 from distillation_runtime.cli import main as distill
 from distillation_runtime.plan import make_plan
 from distillation_runtime.spec import load_pipeline_spec
+from support.cluster import REPO
 from support.statuses import preflight_passed
 
 IMAGES = Images("reg/runtime:1", "reg/quantize:1", "reg/vllm:1")
@@ -108,6 +110,18 @@ def test_the_rayjob_carries_the_exact_pipeline_spec_distill_run_reads() -> None:
     assert workers["replicas"] == 3  # one pod per Ray Train worker by default
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
     assert rayjob["spec"]["backoffLimit"] == 0  # retries are the operator's new attempts
+
+
+def test_the_ray_cluster_names_the_images_ray_version_so_kuberay_probes_over_http() -> None:
+    """KubeRay gives Ray pods exec probes (wget in the container) unless rayVersion is 2.53 or
+    later; with the version named they are HTTP checks of the dashboard agent."""
+    obj = body()
+    spec = DistillationSpec.model_validate(obj["spec"])
+    rayjob = build_rayjob(obj, spec, make_plan(spec.pipeline()), "generate", 1, IMAGES)
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    locked = next(p["version"] for p in lock["package"] if p["name"] == "ray")
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == locked
+    assert tuple(int(part) for part in locked.split(".")[:2]) >= (2, 53)
 
 
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:

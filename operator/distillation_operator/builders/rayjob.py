@@ -38,6 +38,10 @@ KUEUE_QUEUE_LABEL = f"{KUEUE_GROUP}/queue-name"
 HEAD_DEFAULTS = Resources(cpu="2", memory="8Gi", gpus=0)
 WORKER_DEFAULTS = StagePlacement(cpu="4", memory="16Gi", gpus=0, replicas=1)
 WORKER_GROUP = "workers"
+RAY_VERSION = "2.60.0"
+"""The Ray in the stage images (uv.lock; a unit test keeps them equal), given to KubeRay as
+``rayVersion``: KubeRay picks version-dependent behaviour by it, e.g. from 2.53 its probes are
+HTTP checks of the dashboard agent instead of ``wget`` commands run inside the container."""
 
 
 def rayjob_name(distillation: str, stage: str, attempt: int) -> str:
@@ -191,10 +195,11 @@ def ray_cluster_spec(spec: DistillationSpec, stage: str, images: Images) -> dict
     workers = stage_workers(spec, stage)
     replicas = workers.replicas if workers.replicas is not None else 1
     cluster: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
         "headGroupSpec": {
             "rayStartParams": {"num-cpus": "0"},
             "template": pod_template(spec, "ray-head", image, head),
-        }
+        },
     }
     if replicas:  # none: the driver runs on the head (the preflight)
         cluster["workerGroupSpecs"] = [

@@ -1,0 +1,249 @@
+"""The product as a platform team first meets it, on a real node: ``helm install`` of the chart
+(the operator as a pod, under its own ServiceAccount and RBAC), the real KubeRay operator as a
+pod, and a tiny Distillation whose every stage runs in Ray pods of the runtime image, submitted
+by KubeRay's own submitter, its artifacts on a volume this test reads afterwards. The student is
+then served by a KServe STAND-IN (tests/support/kserve_pods.py: KServe's controller does not
+build here) that runs the operator's predictor container in a pod and marks the
+InferenceService Ready only when that pod answers a completion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from support.chart import CHART
+from support.cluster import REPO
+from support.kserve_pods import KServePodStandIn
+from support.kuberay import install_kuberay
+from support.node import Node
+
+sys.path.insert(0, str(REPO / "hack" / "demo"))
+from demo_models import EXAMPLE_PROMPT, EXPECTED, write_inputs
+
+NAMESPACE = "distill-e2e"
+OPERATOR_NAMESPACE = "distillation-system"
+CLAIMS = ("models", "data", "artifacts")
+RUNTIME_UID = 65532
+"""The user the runtime image runs as: the claims' folders are theirs."""
+DEMO_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "distillation-operator"
+    / "demo"
+)
+PIPELINE_TIMEOUT = 40 * 60
+
+
+def distillation() -> dict[str, Any]:
+    """The demo's Distillation, sized for one 2-CPU node: a Ray head and one worker per stage
+    (with KubeRay's submitter pod beside them), each stage's Ray cluster removed as soon as it
+    finishes so the next one fits."""
+    return {
+        "apiVersion": "distillation.dev/v1alpha1",
+        "kind": "Distillation",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "teacher": {"model": "pvc://models/teacher"},
+            "student": {"model": "pvc://models/student"},
+            "dataset": {
+                "prompts": "pvc://data/prompts.jsonl",
+                "referenceField": "answer",
+                "evalFraction": "0.1",
+            },
+            "generate": {"backend": "transformers", "maxNewTokens": 8, "topLogprobs": 8},
+            "train": {
+                "losses": {
+                    "response": "1.0",
+                    "logits": {"weight": "1.0", "temperature": "2.0", "source": "offline"},
+                },
+                "epochs": 8,
+                "batchSize": 32,
+                "maxSeqLength": 32,
+                "learningRate": "3e-3",
+                "warmupRatio": "0.05",
+            },
+            "evaluate": {
+                "metrics": ["exactMatch", "tokenF1"],
+                "gate": {"metric": "exactMatch", "minRetention": "0.8"},
+            },
+            "placement": {
+                "head": {"cpu": "400m", "memory": "2Gi"},
+                "workers": {"cpu": "750m", "memory": "3Gi", "replicas": 1},
+            },
+            "serve": {"gpus": 0, "cpu": "500m", "memory": "2Gi"},
+            "output": "pvc://artifacts/tiny",
+            "policy": {"retries": 1, "backoffSeconds": 5, "ttlSecondsAfterFinished": 0},
+        },
+    }
+
+
+def host_claims(node: Node, root: Path, namespace: str, claims: tuple[str, ...]) -> None:
+    """One hostPath PersistentVolume per claim, bound to that claim in ``namespace`` (claims of
+    the same name in two namespaces share the folder: what an RWX volume gives a cluster)."""
+    objects = []
+    for claim in claims:
+        folder = root / claim
+        folder.mkdir(parents=True, exist_ok=True)
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": f"{namespace}-{claim}"},
+                "spec": {
+                    "capacity": {"storage": "5Gi"},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "",
+                    "hostPath": {"path": str(folder), "type": "Directory"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": namespace},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "",
+                    "volumeName": f"{namespace}-{claim}",
+                    "resources": {"requests": {"storage": "5Gi"}},
+                },
+            }
+        )
+    node.plane.kubectl("apply", "-f", "-", stdin="\n---\n".join(yaml.safe_dump(o) for o in objects))
+    for claim in CLAIMS:
+        node.plane.kubectl(
+            "wait",
+            "--for=jsonpath={.status.phase}=Bound",
+            f"pvc/{claim}",
+            "-n",
+            NAMESPACE,
+            "--timeout=60s",
+        )
+
+
+def chown_tree(root: Path, uid: int) -> None:
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, uid, uid)
+
+
+def helm_install_operator(node: Node) -> None:
+    """The chart as a user installs it; its images are the ones `make images` built."""
+    node.plane.helm(
+        "install",
+        "distillation-operator",
+        str(CHART),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "crds.install=false",
+        "--wait",
+        "--timeout",
+        "5m",
+        timeout=330,
+    )
+
+
+def summary(node: Node) -> str:
+    return node.plane.kubectl(
+        "get", "dist,rayjobs,rayclusters,pods,inferenceservices", "-A", "-o", "wide", check=False
+    ).stdout
+
+
+def wait_ready(node: Node, timeout: float) -> dict[str, Any]:
+    """The Distillation once Ready (or failed), printing its rows as they change."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        got = json.loads(
+            node.plane.kubectl("get", "dist", "tiny", "-n", NAMESPACE, "-o", "json").stdout
+        )
+        row = node.plane.kubectl(
+            "get", "dist", "tiny", "-n", NAMESPACE, "--no-headers"
+        ).stdout.strip()
+        if row != last:
+            print(f"{time.strftime('%H:%M:%S')} {row}", flush=True)
+            last = row
+        phase = (got.get("status") or {}).get("phase")
+        if phase in ("Ready", "Served", "Failed"):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not Ready after {timeout}s:\n{summary(node)}")
+        time.sleep(5)
+
+
+@pytest.fixture(scope="module")
+def pipeline(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Install everything, apply the Distillation, wait for it; yields what the tests look at."""
+    t0 = time.monotonic()
+    root = tmp_path_factory.mktemp("claims")
+    for namespace in (NAMESPACE, OPERATOR_NAMESPACE):
+        node.plane.kubectl("create", "namespace", namespace)
+    host_claims(node, root, NAMESPACE, CLAIMS)
+    host_claims(node, root, OPERATOR_NAMESPACE, ("artifacts",))
+    write_inputs(DEMO_CACHE, root)
+    chown_tree(root, RUNTIME_UID)
+    install_kuberay(node.plane)
+    helm_install_operator(node, root.parent)
+    installed = time.monotonic() - t0
+
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=str(node.plane.kubeconfig))
+    stand_in = KServePodStandIn(api, NAMESPACE, EXAMPLE_PROMPT)
+    stop = threading.Event()
+    thread = threading.Thread(target=stand_in.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        node.plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(distillation()))
+        final = wait_ready(node, PIPELINE_TIMEOUT)
+        print(f"installed in {installed:.0f} s; pipeline {time.monotonic() - t0 - installed:.0f} s")
+        print(summary(node))
+        yield {"distillation": final, "root": root, "stand_in": stand_in}
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def test_every_stage_ran_in_ray_pods_and_the_student_is_served(pipeline: dict[str, Any]) -> None:
+    final = pipeline["distillation"]
+    status = final["status"]
+    assert status["phase"] in ("Ready", "Served"), json.dumps(status, indent=2)
+    stages = status.get("stages") or {}
+    assert stages, status
+    assert all(s.get("phase") == "Succeeded" for s in stages.values()), stages
+    answer = pipeline["stand_in"].answers.get("tiny")
+    assert answer, pipeline["stand_in"].errors
+    assert answer["choices"][0]["text"].strip().startswith(EXPECTED[:3]), answer
+
+
+def test_kuberay_ran_each_stage_and_its_artifact_is_on_the_volume(
+    node: Node, pipeline: dict[str, Any]
+) -> None:
+    rayjobs = json.loads(node.plane.kubectl("get", "rayjobs", "-n", NAMESPACE, "-o", "json").stdout)
+    stages = set((pipeline["distillation"]["status"].get("stages") or {}).keys())
+    seen = set()
+    for job in rayjobs["items"]:
+        meta, status = job["metadata"], job.get("status") or {}
+        if status.get("jobStatus") != "SUCCEEDED":
+            continue  # an attempt that failed and was retried
+        assert status.get("jobDeploymentStatus") == "Complete", status
+        seen.add(meta["labels"]["distillation.dev/stage"])
+        uri = meta["annotations"]["distillation.dev/artifact"]
+        artifact = pipeline["root"] / uri.removeprefix("pvc://")
+        assert (artifact / "_COMPLETE").exists(), artifact
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        assert manifest["fingerprint"] == meta["annotations"]["distillation.dev/fingerprint"]
+    assert seen == stages - {"serve"}, (seen, stages)
