@@ -219,6 +219,9 @@ func nodePreflight(coredns string) string {
 const cniBinDir = "/usr/lib/cni"
 
 func signalContext(exitWithParent bool) (context.Context, context.CancelFunc) {
+	// A parent that dies closes our stdout and stderr: the teardown's messages must then fail
+	// to write (EPIPE), not kill this process half-way through the teardown (SIGPIPE).
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, cancel := context.WithCancel(context.Background())
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
@@ -563,6 +566,9 @@ authentication:
 authorization: {mode: AlwaysAllow}
 containerRuntimeEndpoint: unix://%s
 cgroupDriver: cgroupfs
+# CPU limits are not enforced (no CFS quota): requests still decide where pods fit, but on a
+# 2-core node a Ray head throttled to its share of a core does not start within Ray's timeout
+cpuCFSQuota: false
 failCgroupV1: false
 failSwapOn: false
 clusterDNS: [%s]

@@ -9,6 +9,7 @@ under CI=true it fails them, so CI never passes by skipping.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,36 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(
             "node tier: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
         )
+    if peak := config.stash.get(PEAK_MEMORY, None):
+        terminalreporter.write_line(
+            f"node tier: peak memory in use on the machine {peak.peak / 2**30:.1f} GiB "
+            f"(before it started {peak.baseline / 2**30:.1f} GiB)"
+        )
+
+
+def memory_in_use() -> int:
+    """Bytes in use on the machine (MemTotal - MemAvailable)."""
+    fields = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0]) * 1024
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+class PeakMemory:
+    """Samples the machine's memory in use every second while the node tier runs."""
+
+    def __init__(self) -> None:
+        self.baseline = self.peak = memory_in_use()
+        self.stop = threading.Event()
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    def sample(self) -> None:
+        while not self.stop.wait(1.0):
+            self.peak = max(self.peak, memory_in_use())
+
+
+PEAK_MEMORY = pytest.StashKey[PeakMemory]()
 
 
 NODE_IMAGES = ("operator", "runtime")
@@ -68,6 +99,7 @@ def node(
     left on the machine (processes, mounts, iptables chains, the bridge, cgroups)."""
     require_tools()
     timings = request.config.stash.setdefault(TIMINGS, {})
+    request.config.stash[PEAK_MEMORY] = PeakMemory()
     t0 = time.monotonic()
     plane = start_node_plane(tmp_path_factory.mktemp("node-plane"))
     workdir = tmp_path_factory.mktemp("node")

@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ DEMO_CACHE = (
     / "demo"
 )
 PIPELINE_TIMEOUT = 40 * 60
+FAKE_HUB_TOKEN = f"hf_e2e{uuid.uuid4().hex}"
+"""The Secret's value: every Ray pod gets it as HF_TOKEN; it must appear nowhere else."""
+OPERATOR_POD_KILLED_IN = "train"
+"""The stage during which the operator's pod is deleted (its Deployment makes a new one)."""
 
 
 def distillation() -> dict[str, Any]:
@@ -80,6 +85,7 @@ def distillation() -> dict[str, Any]:
                 "workers": {"cpu": "750m", "memory": "3Gi", "replicas": 1},
             },
             "serve": {"gpus": 0, "cpu": "500m", "memory": "2Gi"},
+            "secrets": {"huggingFaceToken": {"name": "hub", "key": "token"}},
             "output": "pvc://artifacts/tiny",
             "policy": {"retries": 1, "backoffSeconds": 5, "ttlSecondsAfterFinished": 0},
         },
@@ -133,26 +139,81 @@ def host_claims(node: Node, root: Path, namespace: str, claims: tuple[str, ...])
         )
 
 
+class OperatorPodKiller:
+    """Deletes the operator's pod once, when the Distillation's current stage is ``stage``."""
+
+    def __init__(self, node: Node, stage: str) -> None:
+        self.node, self.stage = node, stage
+        self.killed: str | None = None
+
+    def __call__(self, distillation: dict[str, Any]) -> None:
+        stages = (distillation.get("status") or {}).get("stages") or []
+        running = {s["name"] for s in stages if s.get("state") == "Running"}
+        if self.killed or self.stage not in running:
+            return
+        pods = self.node.plane.kubectl(
+            "get",
+            "pods",
+            "-n",
+            OPERATOR_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/name=distillation-operator",
+            "-o",
+            "name",
+        ).stdout.split()
+        self.node.plane.kubectl("delete", "-n", OPERATOR_NAMESPACE, *pods, "--wait=false")
+        self.killed = " ".join(pods)
+        print(f"deleted the operator's pod {self.killed} during {self.stage}", flush=True)
+
+
 def chown_tree(root: Path, uid: int) -> None:
     for path in [root, *root.rglob("*")]:
         os.chown(path, uid, uid)
 
 
-def helm_install_operator(node: Node) -> None:
-    """The chart as a user installs it; its images are the ones `make images` built."""
+OPERATOR_VALUES = {
+    # the operator reads the stages' manifests (metrics, the gate) from the pvc:// output
+    "extraVolumes": [
+        {"name": "artifacts", "persistentVolumeClaim": {"claimName": "artifacts", "readOnly": True}}
+    ],
+    "extraVolumeMounts": [
+        {"name": "artifacts", "mountPath": "/mnt/pvc/artifacts", "readOnly": True}
+    ],
+}
+
+
+def helm_install_operator(node: Node, workdir: Path) -> None:
+    """The chart as a user installs it (its default images: the ones `make images` built; the
+    Distillation CRD with it), with the output's claim mounted read-only."""
+    values = workdir / "operator-values.yaml"
+    values.write_text(yaml.safe_dump(OPERATOR_VALUES))
     node.plane.helm(
         "install",
         "distillation-operator",
         str(CHART),
         "--namespace",
         OPERATOR_NAMESPACE,
-        "--create-namespace",
-        "--set",
-        "crds.install=false",
+        "--values",
+        str(values),
         "--wait",
         "--timeout",
         "5m",
         timeout=330,
+    )
+
+
+def stage_times(distillation: dict[str, Any]) -> str:
+    """Each stage's wall time, from its status (RayJob created to RayJob finished)."""
+    from datetime import datetime
+
+    def seconds(stage: dict[str, Any]) -> float:
+        start = datetime.fromisoformat(stage["startTime"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(stage["completionTime"].replace("Z", "+00:00"))
+        return (end - start).total_seconds()
+
+    stages = distillation["status"].get("stages") or []
+    return "stages: " + ", ".join(
+        f"{s['name']} {seconds(s):.0f} s" for s in stages if s.get("completionTime")
     )
 
 
@@ -162,8 +223,11 @@ def summary(node: Node) -> str:
     ).stdout
 
 
-def wait_ready(node: Node, timeout: float) -> dict[str, Any]:
-    """The Distillation once Ready (or failed), printing its rows as they change."""
+def wait_ready(
+    node: Node, timeout: float, on_change: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """The Distillation once finished (Succeeded or Failed), printing its rows as they change
+    and calling ``on_change`` with it each time."""
     deadline = time.monotonic() + timeout
     last = ""
     while True:
@@ -173,11 +237,12 @@ def wait_ready(node: Node, timeout: float) -> dict[str, Any]:
         row = node.plane.kubectl(
             "get", "dist", "tiny", "-n", NAMESPACE, "--no-headers"
         ).stdout.strip()
+        row = row.rsplit(maxsplit=1)[0]  # without the AGE column
         if row != last:
             print(f"{time.strftime('%H:%M:%S')} {row}", flush=True)
             last = row
-        phase = (got.get("status") or {}).get("phase")
-        if phase in ("Ready", "Served", "Failed"):
+            on_change(got)
+        if (got.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return got
         if time.monotonic() > deadline:
             raise AssertionError(f"not Ready after {timeout}s:\n{summary(node)}")
@@ -191,9 +256,18 @@ def pipeline(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     root = tmp_path_factory.mktemp("claims")
     for namespace in (NAMESPACE, OPERATOR_NAMESPACE):
         node.plane.kubectl("create", "namespace", namespace)
+    node.plane.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "hub",
+        "-n",
+        NAMESPACE,
+        f"--from-literal=token={FAKE_HUB_TOKEN}",
+    )
+    write_inputs(DEMO_CACHE, root)  # the teacher, student and prompts on the claims' folders
     host_claims(node, root, NAMESPACE, CLAIMS)
     host_claims(node, root, OPERATOR_NAMESPACE, ("artifacts",))
-    write_inputs(DEMO_CACHE, root)
     chown_tree(root, RUNTIME_UID)
     install_kuberay(node.plane)
     helm_install_operator(node, root.parent)
@@ -208,10 +282,12 @@ def pipeline(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     thread.start()
     try:
         node.plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(distillation()))
-        final = wait_ready(node, PIPELINE_TIMEOUT)
+        killer = OperatorPodKiller(node, OPERATOR_POD_KILLED_IN)
+        final = wait_ready(node, PIPELINE_TIMEOUT, killer)
         print(f"installed in {installed:.0f} s; pipeline {time.monotonic() - t0 - installed:.0f} s")
+        print(stage_times(final))
         print(summary(node))
-        yield {"distillation": final, "root": root, "stand_in": stand_in}
+        yield {"distillation": final, "root": root, "stand_in": stand_in, "killed": killer.killed}
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -220,10 +296,12 @@ def pipeline(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
 def test_every_stage_ran_in_ray_pods_and_the_student_is_served(pipeline: dict[str, Any]) -> None:
     final = pipeline["distillation"]
     status = final["status"]
-    assert status["phase"] in ("Ready", "Served"), json.dumps(status, indent=2)
-    stages = status.get("stages") or {}
-    assert stages, status
-    assert all(s.get("phase") == "Succeeded" for s in stages.values()), stages
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Served"), ready
+    states = {s["name"]: s["state"] for s in status["stages"]}
+    assert set(states) == {"preflight", "generate", "train", "evaluate"}, states
+    assert set(states.values()) == {"Succeeded"}, states
     answer = pipeline["stand_in"].answers.get("tiny")
     assert answer, pipeline["stand_in"].errors
     assert answer["choices"][0]["text"].strip().startswith(EXPECTED[:3]), answer
@@ -233,7 +311,7 @@ def test_kuberay_ran_each_stage_and_its_artifact_is_on_the_volume(
     node: Node, pipeline: dict[str, Any]
 ) -> None:
     rayjobs = json.loads(node.plane.kubectl("get", "rayjobs", "-n", NAMESPACE, "-o", "json").stdout)
-    stages = set((pipeline["distillation"]["status"].get("stages") or {}).keys())
+    stages = {s["name"] for s in pipeline["distillation"]["status"]["stages"]}
     seen = set()
     for job in rayjobs["items"]:
         meta, status = job["metadata"], job.get("status") or {}
@@ -246,4 +324,65 @@ def test_kuberay_ran_each_stage_and_its_artifact_is_on_the_volume(
         assert (artifact / "_COMPLETE").exists(), artifact
         manifest = json.loads((artifact / "manifest.json").read_text())
         assert manifest["fingerprint"] == meta["annotations"]["distillation.dev/fingerprint"]
-    assert seen == stages - {"serve"}, (seen, stages)
+    assert seen == stages, (seen, stages)
+
+
+def test_a_deleted_operator_pod_neither_duplicates_a_rayjob_nor_reruns_a_stage(
+    node: Node, pipeline: dict[str, Any]
+) -> None:
+    assert pipeline["killed"], (
+        f"the operator's pod was never deleted during {OPERATOR_POD_KILLED_IN}"
+    )
+    rayjobs = json.loads(node.plane.kubectl("get", "rayjobs", "-n", NAMESPACE, "-o", "json").stdout)
+    per_stage: dict[str, list[str]] = {}
+    for job in rayjobs["items"]:
+        per_stage.setdefault(job["metadata"]["labels"]["distillation.dev/stage"], []).append(
+            job["metadata"]["name"]
+        )
+    assert all(len(names) == 1 for names in per_stage.values()), per_stage
+    pods = node.plane.kubectl(
+        "get",
+        "pods",
+        "-n",
+        OPERATOR_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=distillation-operator",
+        "-o",
+        "name",
+    ).stdout.split()
+    assert pods  # its Deployment made a new one
+    assert pipeline["killed"] not in pods
+
+
+def test_the_hub_token_appears_nowhere_but_in_its_secret(
+    node: Node, pipeline: dict[str, Any]
+) -> None:
+    """Not in the Distillation's status, events, RayJobs, InferenceService, the artifacts, or
+    the logs of the pods still there (KubeRay's submitters, which print the stage drivers'
+    output, the operator, KubeRay, the predictor)."""
+    places = {
+        "objects": node.plane.kubectl(
+            "get", "dist,rayjobs,inferenceservices,events", "-A", "-o", "yaml"
+        ).stdout,
+    }
+    pods = json.loads(node.plane.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]
+    for pod in pods:
+        meta = pod["metadata"]
+        for container in pod["spec"]["containers"]:
+            places[f"logs {meta['namespace']}/{meta['name']}/{container['name']}"] = (
+                node.plane.kubectl(
+                    "logs",
+                    "-n",
+                    meta["namespace"],
+                    meta["name"],
+                    "-c",
+                    container["name"],
+                    check=False,
+                ).stdout
+            )
+    for path in (pipeline["root"] / "artifacts").rglob("*"):
+        if path.is_file():
+            places[f"artifact {path}"] = path.read_bytes().decode("latin-1")
+    assert len([p for p in places if p.startswith("logs ")]) >= 3, sorted(places)
+    leaked = [place for place, text in places.items() if FAKE_HUB_TOKEN in text]
+    assert not leaked, leaked

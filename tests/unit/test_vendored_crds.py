@@ -40,3 +40,13 @@ def test_the_vendored_crds_hold_every_kind_the_operator_builds() -> None:
     licence = (VENDORED / "LICENSE").read_text()
     assert "Apache License" in licence
     assert "Version 2.0" in licence
+
+
+def test_kuberays_vendored_operator_manifests_are_the_recorded_upstream_files() -> None:
+    """third_party/kuberay-v1.6.2-operator: what the node tier installs to run KubeRay."""
+    folder = REPO / "third_party" / "kuberay-v1.6.2-operator"
+    lines = (folder / "SHA256SUMS").read_text().splitlines()
+    recorded = {path: digest for digest, path in (line.split(maxsplit=1) for line in lines if line)}
+    assert {p.name for p in folder.glob("*.yaml")} == set(recorded)
+    for path, digest in recorded.items():
+        assert hashlib.sha256((folder / path).read_bytes()).hexdigest() == digest, path
