@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from demo_common import KUBERAY_STAND_IN, Printer, child_env, distill_command, now, tail
+from demo_common import KUBERAY_STAND_IN, Printer, child_env, distill_command, tail
+
+from support.kserve import now
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 POLL_SECONDS = 0.5
