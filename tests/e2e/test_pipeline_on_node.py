@@ -30,6 +30,7 @@ from support.node import Node
 
 sys.path.insert(0, str(REPO / "hack" / "demo"))
 from demo_models import EXAMPLE_PROMPT, EXPECTED, write_inputs
+from run import distillation as demo_distillation
 
 NAMESPACE = "distill-e2e"
 OPERATOR_NAMESPACE = "distillation-system"
@@ -49,47 +50,22 @@ OPERATOR_POD_KILLED_IN = "train"
 
 
 def distillation() -> dict[str, Any]:
-    """The demo's Distillation, sized for one 2-CPU node: a Ray head and one worker per stage
-    (with KubeRay's submitter pod beside them), each stage's Ray cluster removed as soon as it
-    finishes so the next one fits."""
-    return {
-        "apiVersion": "distillation.dev/v1alpha1",
-        "kind": "Distillation",
-        "metadata": {"name": "tiny"},
-        "spec": {
-            "teacher": {"model": "pvc://models/teacher"},
-            "student": {"model": "pvc://models/student"},
-            "dataset": {
-                "prompts": "pvc://data/prompts.jsonl",
-                "referenceField": "answer",
-                "evalFraction": "0.1",
-            },
-            "generate": {"backend": "transformers", "maxNewTokens": 8, "topLogprobs": 8},
-            "train": {
-                "losses": {
-                    "response": "1.0",
-                    "logits": {"weight": "1.0", "temperature": "2.0", "source": "offline"},
-                },
-                "epochs": 8,
-                "batchSize": 32,
-                "maxSeqLength": 32,
-                "learningRate": "3e-3",
-                "warmupRatio": "0.05",
-            },
-            "evaluate": {
-                "metrics": ["exactMatch", "tokenF1"],
-                "gate": {"metric": "exactMatch", "minRetention": "0.8"},
-            },
-            "placement": {
-                "head": {"cpu": "400m", "memory": "2Gi"},
-                "workers": {"cpu": "750m", "memory": "3Gi", "replicas": 1},
-            },
-            "serve": {"gpus": 0, "cpu": "500m", "memory": "2Gi"},
-            "secrets": {"huggingFaceToken": {"name": "hub", "key": "token"}},
-            "output": "pvc://artifacts/tiny",
-            "policy": {"retries": 1, "backoffSeconds": 5, "ttlSecondsAfterFinished": 0},
-        },
+    """The demo's Distillation (hack/demo/run.py), sized for one 2-CPU node: a Ray head and one
+    worker per stage (with KubeRay's submitter pod beside them), each stage's Ray cluster
+    removed as soon as it finishes so the next one fits; and a hub token from a Secret."""
+    body = demo_distillation()
+    body["metadata"]["name"] = "tiny"
+    spec = body["spec"]
+    del spec["generate"]["batchSize"]
+    spec["placement"] = {
+        "head": {"cpu": "400m", "memory": "2Gi"},
+        "workers": {"cpu": "750m", "memory": "3Gi", "replicas": 1},
     }
+    spec["serve"] |= {"cpu": "500m", "memory": "2Gi"}
+    spec["secrets"] = {"huggingFaceToken": {"name": "hub", "key": "token"}}
+    spec["output"] = "pvc://artifacts/tiny"
+    spec["policy"]["ttlSecondsAfterFinished"] = 0
+    return body
 
 
 def host_claims(node: Node, root: Path, namespace: str, claims: tuple[str, ...]) -> None:
@@ -139,6 +115,20 @@ def host_claims(node: Node, root: Path, namespace: str, claims: tuple[str, ...])
         )
 
 
+def operator_pods(node: Node) -> list[str]:
+    """The operator's pods (``pod/NAME``), as the chart labels them."""
+    return node.plane.kubectl(
+        "get",
+        "pods",
+        "-n",
+        OPERATOR_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=distillation-operator",
+        "-o",
+        "name",
+    ).stdout.split()
+
+
 class OperatorPodKiller:
     """Deletes the operator's pod once, when the Distillation's current stage is ``stage``."""
 
@@ -151,16 +141,7 @@ class OperatorPodKiller:
         running = {s["name"] for s in stages if s.get("state") == "Running"}
         if self.killed or self.stage not in running:
             return
-        pods = self.node.plane.kubectl(
-            "get",
-            "pods",
-            "-n",
-            OPERATOR_NAMESPACE,
-            "-l",
-            "app.kubernetes.io/name=distillation-operator",
-            "-o",
-            "name",
-        ).stdout.split()
+        pods = operator_pods(self.node)
         self.node.plane.kubectl("delete", "-n", OPERATOR_NAMESPACE, *pods, "--wait=false")
         self.killed = " ".join(pods)
         print(f"deleted the operator's pod {self.killed} during {self.stage}", flush=True)
@@ -340,16 +321,7 @@ def test_a_deleted_operator_pod_neither_duplicates_a_rayjob_nor_reruns_a_stage(
             job["metadata"]["name"]
         )
     assert all(len(names) == 1 for names in per_stage.values()), per_stage
-    pods = node.plane.kubectl(
-        "get",
-        "pods",
-        "-n",
-        OPERATOR_NAMESPACE,
-        "-l",
-        "app.kubernetes.io/name=distillation-operator",
-        "-o",
-        "name",
-    ).stdout.split()
+    pods = operator_pods(node)
     assert pods  # its Deployment made a new one
     assert pipeline["killed"] not in pods
 
