@@ -315,6 +315,8 @@ def test_pod_and_container_security_context_come_from_values(cluster: ControlPla
 
 def test_install_creates_a_hardened_operator_and_a_kept_crd(cluster: ControlPlane) -> None:
     cluster.helm("install", RELEASE, CHART, "-n", SYSTEM)
+    # helm returns once the CRD is created, not served: kubectl would cache a discovery without it
+    cluster.wait_established("distillations.distillation.dev")
     crd = json.loads(
         cluster.kubectl("get", "crd", "distillations.distillation.dev", "-o", "json").stdout
     )

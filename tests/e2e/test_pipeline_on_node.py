@@ -181,6 +181,7 @@ def helm_install_operator(node: Node, workdir: Path) -> None:
         "5m",
         timeout=330,
     )
+    node.plane.wait_established("distillations.distillation.dev")
 
 
 def stage_times(distillation: dict[str, Any]) -> str:

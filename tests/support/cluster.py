@@ -88,6 +88,8 @@ class ControlPlane:
         return {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
+            # kubectl's discovery cache is keyed by host:port; one per plane, never a stale one
+            "KUBECACHEDIR": str(self.kubeconfig.parent / "kube-cache"),
             "HELM_CACHE_HOME": str(self.kubeconfig.parent / "helm-cache"),
             "HELM_CONFIG_HOME": str(self.kubeconfig.parent / "helm-config"),
             "HELM_DATA_HOME": str(self.kubeconfig.parent / "helm-data"),
