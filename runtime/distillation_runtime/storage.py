@@ -300,6 +300,47 @@ def _hf_snapshot(location: Location, cache_dir: Path, patterns: list[str] | None
     return Path(folder)
 
 
+def complete_children(uri: str) -> list[str]:
+    """Names of the complete artifacts directly under the prefix ``uri`` (their marker is
+    there: written last), for a reader choosing among them; none when the prefix is empty."""
+    fs, root = filesystem(uri)
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [str(p).rstrip("/").rpartition("/")[2] for p in entries]
+    return sorted(n for n in names if fs.exists(f"{root}/{n}/{COMPLETION_MARKER}"))
+
+
+def fetch_artifact(uri: str, dest: Path) -> Path:
+    """Download the complete artifact ``uri`` to the new folder ``dest`` (through a partial
+    sibling renamed last, so a killed download leaves no folder that looks whole)."""
+    if not artifact_complete(uri):
+        raise FileNotFoundError(f"{uri} is not a complete artifact (no {COMPLETION_MARKER})")
+    fs, root = filesystem(uri)
+    remotes = sorted(p for p in fs.find(root) if not p.endswith("/"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_sibling(dest)
+    try:
+        locals_ = [str(partial / p[len(root) :].lstrip("/")) for p in remotes]
+        for local in locals_:
+            Path(local).parent.mkdir(parents=True, exist_ok=True)
+        fs.get(remotes, locals_)
+        partial.rename(dest)
+    finally:
+        _remove_tree(partial)
+    return dest
+
+
+def remove_artifact(uri: str) -> None:
+    """Delete an artifact, its marker first (a reader never takes the rest for whole)."""
+    fs, root = filesystem(uri)
+    if fs.exists(f"{root}/{COMPLETION_MARKER}"):
+        fs.rm_file(f"{root}/{COMPLETION_MARKER}")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
 def _download_prefix(uri: str, cache_dir: Path, *, metadata_only: bool = False) -> Path:
     """Download an object-store prefix once (only its small files with ``metadata_only``); the
     rename into place is the commit point."""

@@ -31,6 +31,7 @@ from distillation_runtime.raycluster import WorkerNode, train_workers, worker_no
 from distillation_runtime.spec import PipelineSpec, TrainSpec
 from distillation_runtime.stages.train import (
     check_shared_output,
+    checkpoint_mirror,
     steps_per_epoch,
     training_folder,
 )
@@ -83,8 +84,10 @@ def test_training_works_beside_the_artifacts_when_every_pod_mounts_the_output(
     monkeypatch.setenv("DISTILL_PVC_ROOT", str(tmp_path / "mnt"))
     found = training_folder("pvc://artifacts/run/train-abc", tmp_path / "scratch")
     assert found == tmp_path / "mnt" / "artifacts" / "run" / "_work" / "train-abc"
+    assert checkpoint_mirror("pvc://artifacts/run/train-abc") is None  # already shared
     on_s3 = training_folder("s3://bucket/run/train-abc", tmp_path / "scratch")
     assert on_s3 == tmp_path / "scratch" / "train-abc"
+    assert checkpoint_mirror("s3://bucket/run/train-abc") == "s3://bucket/run/_work/train-abc"
 
 
 def test_several_train_workers_in_a_cluster_are_refused_an_object_store_output() -> None:

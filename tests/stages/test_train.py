@@ -29,6 +29,7 @@ from distillation_runtime.stages.train import (
     epoch_order,
     latest_checkpoint,
     lr_factor,
+    restore_checkpoint,
     run,
     steps_per_epoch,
 )
@@ -160,6 +161,34 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(workdir: 
     resumed, straight = metrics(out), metrics(Path(reference.output))
     assert [x["step"] for x in resumed] == list(range(1, 25))
     assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
+
+
+def test_on_an_object_store_a_new_pod_resumes_from_the_checkpoint_it_mirrored(
+    workdir: Path, bucket: str
+) -> None:
+    """A pod's disk goes with the pod: on an s3:// output (a real S3-protocol server here) each
+    checkpoint is copied to the store, and a run on a fresh disk continues from the newest."""
+    from distillation_runtime.storage import complete_children
+
+    reference = job(workdir, "reference-s3")
+    run(reference)
+    mirror = f"s3://{bucket}/run/_work/train-abc"
+    first_pod = job(workdir, "first-pod").model_copy(update={"checkpoint_mirror": mirror})
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_AT_STEP_11, first_pod.model_dump_json()],
+        capture_output=True,
+        text=True,
+    )
+    assert crashed.returncode == 137, crashed.stderr
+    assert complete_children(mirror) == ["step-4", "step-8"]  # keep_checkpoints: 2
+    next_pod = job(workdir, "next-pod").model_copy(update={"checkpoint_mirror": mirror})
+    assert restore_checkpoint(next_pod) == 8
+    run(next_pod)
+    resumed = metrics(Path(next_pod.output))
+    assert [x["step"] for x in resumed] == list(range(1, 25))  # steps 1-8 from the first pod
+    straight = metrics(Path(reference.output))
+    assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
+    assert complete_children(mirror) == ["step-20", "step-24"]
 
 
 def test_two_ray_workers_lower_the_loss_and_save_a_student(workdir: Path) -> None:

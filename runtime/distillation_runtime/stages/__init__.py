@@ -206,7 +206,7 @@ STAGES: list[StageDefinition] = [
         default_workers=lambda spec: spec.train.workers,
         spreads=lambda spec: spec.train.workers > 1,
         roles=frozenset({Role.STUDENT}),
-        results=("finalLoss", "steps"),
+        results=("finalLoss", "steps", "resumedFromStep"),
     ),
     _evaluation(
         "evaluate", "Evaluated", student="train", exports={"unquantized.retention": "retention"}

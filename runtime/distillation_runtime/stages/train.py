@@ -27,7 +27,9 @@ Reads like a recipe (torchtune's setup, train, save; nanoGPT's one visible loop)
 - Checkpoints every ``checkpoint_every`` optimizer steps under ``<output>/checkpoints`` (written
   to a temporary folder, then renamed): a killed run resumes from the last one and loses at most
   one interval. ddp: rank 0 writes ``state.pt``; fsdp: every rank writes its shards with
-  torch.distributed.checkpoint (any world size can load them) and rank 0 ``trainer.pt``.
+  torch.distributed.checkpoint (any world size can load them) and rank 0 ``trainer.pt``. The
+  checkpoints live in the output store: beside the artifacts on a shared file system, or, for
+  an object store, in a scratch folder mirrored to it (a new pod restores the newest).
 - Out: ``<output>/model`` (safetensors, config, tokenizer, generation config) and
   ``<output>/metrics.jsonl`` (one line per step: each loss part, learning rate, tokens/s).
 """
@@ -85,6 +87,12 @@ class TrainJob(BaseModel):
         default=None, ge=1, description="Stop after this many optimizer steps (equal-compute runs)."
     )
     keep_checkpoints: int = Field(default=2, ge=1)
+    checkpoint_mirror: str | None = Field(
+        default=None,
+        description="Object-store prefix (s3://, gs://) that keeps a copy of each checkpoint "
+        "with the metrics so far, when ``output`` is a pod's own disk: a new pod resumes from "
+        "it. None when ``output`` is on storage every pod mounts.",
+    )
     progress: str | None = Field(
         default=None,
         description="Where rank 0 writes its progress record (progress.progress_uri of the "
@@ -704,7 +712,60 @@ def save_checkpoint(state: TrainingState) -> Path | None:
     final = _publish(partial, folder / f"step-{state.step}")
     for old in complete_checkpoints(state.output)[: -state.job.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
+    if state.job.checkpoint_mirror is not None:
+        mirror_checkpoint(final, state.output / METRICS_FILE, state.job)
     return final
+
+
+def mirror_checkpoint(checkpoint: Path, metrics: Path, job: TrainJob) -> None:
+    """Copy a complete checkpoint, with the metrics up to its step, to ``checkpoint_mirror``
+    (``step-N``, marker last), then drop mirrored ones older than ``keep_checkpoints``.
+    Rank 0 only: a mirror is refused for sharded (several-worker) training in a Ray job."""
+    from distillation_runtime.storage import (
+        complete_children,
+        remove_artifact,
+        staging_dir,
+        write_artifact,
+    )
+
+    mirror = str(job.checkpoint_mirror).rstrip("/")
+    with staging_dir() as staged:
+        shutil.copytree(checkpoint, staged / checkpoint.name)
+        if metrics.exists():
+            shutil.copy(metrics, staged / checkpoint.name / METRICS_FILE)
+        step = checkpoint_step(checkpoint)
+        write_artifact(f"{mirror}/{checkpoint.name}", staged / checkpoint.name, {"step": step})
+    mirrored = sorted(
+        (n for n in complete_children(mirror) if checkpoint_step(Path(n)) is not None),
+        key=lambda n: checkpoint_step(Path(n)) or 0,
+    )
+    for old in mirrored[: -job.keep_checkpoints]:
+        remove_artifact(f"{mirror}/{old}")
+
+
+def restore_checkpoint(job: TrainJob) -> int | None:
+    """Before training on a pod's own disk: bring the newest mirrored checkpoint (and its
+    metrics) into ``output`` when it is newer than any there, so the run resumes from it as
+    from its own. Returns the step restored, None when nothing was."""
+    from distillation_runtime.plan import COMPLETION_MARKER
+    from distillation_runtime.storage import MANIFEST, complete_children, fetch_artifact
+
+    if job.checkpoint_mirror is None:
+        return None
+    mirror = job.checkpoint_mirror.rstrip("/")
+    steps = [s for n in complete_children(mirror) if (s := checkpoint_step(Path(n))) is not None]
+    local = latest_checkpoint(Path(job.output))
+    if not steps or (local is not None and (checkpoint_step(local) or 0) >= max(steps)):
+        return None
+    step = max(steps)
+    target = Path(job.output) / CHECKPOINTS / f"step-{step}"
+    shutil.rmtree(target, ignore_errors=True)
+    fetch_artifact(f"{mirror}/step-{step}", target)
+    for extra in (MANIFEST, COMPLETION_MARKER):  # the mirror's, not the checkpoint's
+        (target / extra).unlink(missing_ok=True)
+    shutil.move(target / METRICS_FILE, Path(job.output) / METRICS_FILE)
+    print(f"train: restored checkpoint step {step} from {mirror}", file=sys.stderr)
+    return step
 
 
 def save(state: TrainingState) -> Path | None:
@@ -743,6 +804,7 @@ def run(job: TrainJob, *, use_ray: bool | None = None) -> Path:
     workers = job.train.workers
     if use_ray is None:
         use_ray = workers > 1
+    restore_checkpoint(job)  # before any worker starts: they all resume from what is here
     if not use_ray:
         train_worker(job.model_dump(mode="json"))
     else:
@@ -785,13 +847,24 @@ def _run_with_ray(job: TrainJob) -> None:
     trainer.fit()
 
 
+def checkpoint_mirror(artifact: str) -> str | None:
+    """Where an object-store output keeps the checkpoints (``<output>/_work/train-<fp>``, the
+    place a shared file system has them): None for a file system, where they are already."""
+    location = parse_uri(artifact)
+    if location.is_local:
+        return None
+    parent, _, name = artifact.rstrip("/").rpartition("/")
+    return f"{parent}/{WORK_FOLDER}/{name}"
+
+
 def training_folder(artifact: str, scratch: Path) -> Path:
     """Where training keeps its checkpoints and final model until the artifact is published.
 
     Beside the artifacts (``<output>/_work/train-<fingerprint>``) when the output store is a
     file system every pod mounts (``pvc://``, a path): a new pod resumes from the last
     checkpoint, and every Ray Train worker (rank 0 saves) writes where the driver reads. On an
-    object store (``s3://``), the pod's scratch folder ``scratch``."""
+    object store (``s3://``), the pod's scratch folder ``scratch``, each checkpoint copied to
+    the store (:func:`checkpoint_mirror`) for the next pod to resume from."""
     location = parse_uri(artifact)
     name = artifact.rstrip("/").rpartition("/")[2]
     if location.is_local:
@@ -823,15 +896,19 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         student = context.local(spec.student.model)
     else:
         student = context.local(context.artifact("prune")) / MODEL_DIR
-    check_shared_output(spec.train, context.artifact(context.current), in_ray_job())
+    artifact = context.artifact(context.current)
+    check_shared_output(spec.train, artifact, in_ray_job())
     job = TrainJob(
         student=str(student),
         teacher=str(context.local(spec.teacher.model)),
         data=str(generated / TRAIN_FILE),
-        output=str(training_folder(context.artifact(context.current), context.work)),
+        output=str(training_folder(artifact, context.work)),
         train=spec.train,
-        progress=progress_uri(context.artifact(context.current)),
+        progress=progress_uri(artifact),
+        checkpoint_mirror=checkpoint_mirror(artifact),
     )
+    restore_checkpoint(job)
+    resumed = latest_checkpoint(Path(job.output))  # what train_worker will continue from
     model = run(job)
     shutil.copytree(model, folder / FINAL_MODEL)
     shutil.copy(Path(job.output) / METRICS_FILE, folder / METRICS_FILE)
@@ -841,4 +918,6 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         "finalLoss": lines[-1]["loss"] if lines else None,
         "strategy": lines[-1]["strategy"] if lines else None,
     }
+    if resumed is not None:  # a killed attempt's checkpoint: say so where the user looks
+        metrics["resumedFromStep"] = checkpoint_step(resumed)
     return StageResult(metrics, {"generate": context.artifact("generate")})
