@@ -56,6 +56,17 @@ func (s *supervisor) startSelf(self, name string, args ...string) (*child, error
 		fmt.Sprintf("%s=%d", parentPIDEnv, os.Getpid()))
 }
 
+// forget drops an exited child, so that byName finds the one started in its place.
+func (s *supervisor) forget(gone *child) {
+	kept := s.children[:0]
+	for _, c := range s.children {
+		if c != gone {
+			kept = append(kept, c)
+		}
+	}
+	s.children = kept
+}
+
 func (s *supervisor) byName(name string) *child {
 	for _, c := range s.children {
 		if c.name == name {

@@ -332,7 +332,7 @@ func runUp(args []string) int {
 		// forwards to the endpoint the API server itself keeps (the lease reconciler).
 		bind, advertise, reconciler, admission = "0.0.0.0", *nodeIP, "lease", nil
 	}
-	if _, err := start("kube-apiserver", append(append([]string{
+	apiserverArgv := append(append([]string{
 		"--etcd-servers=" + etcdURL,
 		"--bind-address=" + bind,
 		"--advertise-address=" + advertise,
@@ -348,7 +348,8 @@ func runUp(args []string) int {
 		"--authorization-mode=RBAC",
 		"--allow-privileged=true",
 		"--cert-dir=" + filepath.Join(dir, "kube-apiserver"),
-	}, admission...), apiserverArgs...)...); err != nil {
+	}, admission...), apiserverArgs...)
+	if _, err := start("kube-apiserver", apiserverArgv...); err != nil {
 		shutdown()
 		return fail("%v", err)
 	}
@@ -387,26 +388,63 @@ func runUp(args []string) int {
 		}
 	}
 
-	state := map[string]any{
-		"server": server, "kubeconfig": kubeconfig, "etcd": etcdURL, "pid": os.Getpid(),
+	writeState := func() {
+		state := map[string]any{
+			"server": server, "kubeconfig": kubeconfig, "etcd": etcdURL, "pid": os.Getpid(),
+		}
+		for _, c := range sup.children {
+			state[c.name+"_pid"] = c.cmd.Process.Pid
+		}
+		if b, err := json.MarshalIndent(state, "", "  "); err == nil {
+			// written whole, then renamed: a reader polling it during a restart never sees half
+			tmp := filepath.Join(dir, "state.json.tmp")
+			if os.WriteFile(tmp, append(b, '\n'), 0o644) == nil {
+				_ = os.Rename(tmp, filepath.Join(dir, "state.json"))
+			}
+		}
 	}
-	for _, c := range sup.children {
-		state[c.name+"_pid"] = c.cmd.Process.Pid
-	}
-	if b, err := json.MarshalIndent(state, "", "  "); err == nil {
-		_ = os.WriteFile(filepath.Join(dir, "state.json"), append(b, '\n'), 0o644)
-	}
+	writeState()
 	logf("ready after %.1fs", time.Since(t0).Seconds())
 	fmt.Printf("READY kubeconfig=%s server=%s\n", kubeconfig, server)
 	os.Stdout.Sync()
 
-	select {
-	case c := <-exitedCh:
-		return childDied(c)
-	case <-ctx.Done():
-		logf("%s, stopping", stopReason)
-		shutdown()
-		logf("stopped")
-		return 0
+	// SIGUSR1 restarts the API server on the same port, certificates and etcd data: what a
+	// control-plane upgrade or crash looks like to its clients (the e2e tier's fault).
+	restarts := make(chan os.Signal, 1)
+	signal.Notify(restarts, syscall.SIGUSR1)
+	for {
+		select {
+		case c := <-exitedCh:
+			return childDied(c)
+		case <-restarts:
+			old := byName("kube-apiserver")
+			logf("SIGUSR1: restarting kube-apiserver (pid %d)", old.cmd.Process.Pid)
+			began := time.Now()
+			old.stop(15 * time.Second)
+			for c := range exitedCh { // its own exit is expected; any other child's is not
+				if c == old {
+					break
+				}
+				return childDied(c)
+			}
+			sup.forget(old)
+			if _, err := start("kube-apiserver", apiserverArgv...); err != nil {
+				shutdown()
+				return fail("%v", err)
+			}
+			deadline = time.Now().Add(*timeout)
+			if rc := waitOK("kube-apiserver", apiClient, server+"/readyz", "ok"); rc != 0 || ctx.Err() != nil {
+				return rc
+			}
+			writeState()
+			logf("kube-apiserver restarted, ready after %.1fs", time.Since(began).Seconds())
+			fmt.Printf("RESTARTED kube-apiserver seconds=%.1f\n", time.Since(began).Seconds())
+			os.Stdout.Sync()
+		case <-ctx.Done():
+			logf("%s, stopping", stopReason)
+			shutdown()
+			logf("stopped")
+			return 0
+		}
 	}
 }

@@ -20,6 +20,7 @@ import pytest
 from support.cluster import KUBERAY_VERSION, install_crds, require_tools
 from support.images import chart_images
 from support.node import Node, leftovers, node_images_dir, start_node, start_node_plane
+from support.tiers import deselect_unless_asked
 
 DESELECTED = pytest.StashKey[int]()
 TIMINGS = pytest.StashKey[dict[str, float]]()
@@ -27,14 +28,8 @@ TIMINGS = pytest.StashKey[dict[str, float]]()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark these tests `e2e_node`; a plain `pytest` deselects them and says so."""
-    here = Path(__file__).parent
-    ours = [item for item in items if here in Path(str(item.fspath)).parents]
-    for item in ours:
-        item.add_marker(pytest.mark.e2e_node)
-    if ours and "e2e_node" not in (config.getoption("markexpr") or ""):
-        config.hook.pytest_deselected(items=ours)
-        items[:] = [item for item in items if item not in ours]
-        config.stash[DESELECTED] = len(ours)
+    if count := deselect_unless_asked(config, items, Path(__file__).parent, "e2e_node"):
+        config.stash[DESELECTED] = count
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

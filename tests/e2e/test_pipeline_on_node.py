@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from support.chart import CHART
 from support.cluster import REPO
 from support.kserve_pods import KServePodStandIn
 from support.kuberay import install_kuberay
-from support.node import Node
+from support.node import Node, crash_pod
 
 sys.path.insert(0, str(REPO / "hack" / "demo"))
 from demo_models import EXAMPLE_PROMPT, EXPECTED, write_inputs
@@ -47,14 +47,22 @@ FAKE_HUB_TOKEN = f"hf_e2e{uuid.uuid4().hex}"
 """The Secret's value: every Ray pod gets it as HF_TOKEN; it must appear nowhere else."""
 OPERATOR_POD_KILLED_IN = "train"
 """The stage during which the operator's pod is deleted (its Deployment makes a new one)."""
+WORKER_POD_KILLED_IN = "train"
+"""The stage whose Ray worker pod is deleted once it has written a checkpoint."""
+API_SERVER_RESTARTED_IN = "generate"
+"""The stage during which the API server is restarted."""
+OPERATOR_RECOVERS_WITHIN = 30.0
+"""Seconds from the restarted API server's readiness to the operator's status on a new
+Distillation (the issue's bound: the operator recovers by itself, no pod restart)."""
+POLL_SECONDS = 3.0
 
 
-def distillation() -> dict[str, Any]:
+def distillation_named(name: str) -> dict[str, Any]:
     """The demo's Distillation (hack/demo/run.py), sized for one 2-CPU node: a Ray head and one
     worker per stage (with KubeRay's submitter pod beside them), each stage's Ray cluster
     removed as soon as it finishes so the next one fits; and a hub token from a Secret."""
     body = demo_distillation()
-    body["metadata"]["name"] = "tiny"
+    body["metadata"]["name"] = name
     spec = body["spec"]
     del spec["generate"]["batchSize"]
     spec["placement"] = {
@@ -63,9 +71,13 @@ def distillation() -> dict[str, Any]:
     }
     spec["serve"] |= {"cpu": "500m", "memory": "2Gi"}
     spec["secrets"] = {"huggingFaceToken": {"name": "hub", "key": "token"}}
-    spec["output"] = "pvc://artifacts/tiny"
+    spec["output"] = f"pvc://artifacts/{name}"
     spec["policy"]["ttlSecondsAfterFinished"] = 0
     return body
+
+
+def distillation() -> dict[str, Any]:
+    return distillation_named("tiny")
 
 
 def host_claims(node: Node, root: Path, namespace: str, claims: tuple[str, ...]) -> None:
@@ -129,6 +141,11 @@ def operator_pods(node: Node) -> list[str]:
     ).stdout.split()
 
 
+def running_stages(distillation: dict[str, Any]) -> set[str]:
+    stages = (distillation.get("status") or {}).get("stages") or []
+    return {s["name"] for s in stages if s.get("state") == "Running"}
+
+
 class OperatorPodKiller:
     """Deletes the operator's pod once, when the Distillation's current stage is ``stage``."""
 
@@ -137,14 +154,115 @@ class OperatorPodKiller:
         self.killed: str | None = None
 
     def __call__(self, distillation: dict[str, Any]) -> None:
-        stages = (distillation.get("status") or {}).get("stages") or []
-        running = {s["name"] for s in stages if s.get("state") == "Running"}
-        if self.killed or self.stage not in running:
+        if self.killed or self.stage not in running_stages(distillation):
             return
         pods = operator_pods(self.node)
         self.node.plane.kubectl("delete", "-n", OPERATOR_NAMESPACE, *pods, "--wait=false")
         self.killed = " ".join(pods)
         print(f"deleted the operator's pod {self.killed} during {self.stage}", flush=True)
+
+
+def newest_checkpoint(root: Path) -> int | None:
+    """The newest complete training checkpoint's step on the output volume (training works
+    under ``<output>/_work/train-<fingerprint>/checkpoints/step-N``; ``.partial`` ones are being
+    written), or None while there is none."""
+    steps = [
+        int(p.name.removeprefix("step-"))
+        for p in (root / "artifacts" / "tiny" / "_work").glob("train-*/checkpoints/step-*")
+        if not p.name.endswith(".partial")
+    ]
+    return max(steps, default=None)
+
+
+class RayWorkerKiller:
+    """Crashes and deletes the Ray worker pod of ``stage``'s cluster once, as soon as training
+    has put a checkpoint on the output volume (KubeRay makes a new pod; the operator a new
+    attempt)."""
+
+    def __init__(self, node: Node, root: Path, stage: str) -> None:
+        self.node, self.root, self.stage = node, root, stage
+        self.killed: list[str] = []
+        self.processes = 0
+        self.checkpoint: int | None = None
+
+    def __call__(self, distillation: dict[str, Any]) -> None:
+        if self.killed or self.stage not in running_stages(distillation):
+            return
+        step = newest_checkpoint(self.root)
+        if step is None:
+            return
+        train = next(s for s in distillation["status"]["stages"] if s["name"] == self.stage)
+        rayjob = json.loads(
+            self.node.plane.kubectl(
+                "get", "rayjob", train["rayJob"], "-n", NAMESPACE, "-o", "json"
+            ).stdout
+        )
+        cluster = (rayjob.get("status") or {}).get("rayClusterName")
+        if not cluster:
+            return
+        workers = self.node.plane.kubectl(
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            f"ray.io/cluster={cluster},ray.io/node-type=worker",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "name",
+        ).stdout.split()
+        if not workers:
+            return
+        # a lost node, not a drain: its processes SIGKILLed at once (a graceful delete was seen
+        # to leave the tiny training time to finish, and the attempt succeeded), then the pod
+        # deleted so that KubeRay makes a new one
+        pods = json.loads(
+            self.node.plane.kubectl("get", "-n", NAMESPACE, *workers, "-o", "json").stdout
+        )
+        items = pods.get("items", [pods])
+        self.processes = sum(crash_pod(p["metadata"]["uid"]) for p in items)
+        self.node.plane.kubectl("delete", "-n", NAMESPACE, *workers, "--wait=false")
+        print(f"SIGKILLed {self.processes} processes of {workers}", flush=True)
+        self.killed, self.checkpoint = workers, step
+        print(
+            f"deleted the Ray worker {workers} during {self.stage} (checkpoint {step})", flush=True
+        )
+
+
+class ApiServerRestart:
+    """Restarts the API server once during ``stage``, then measures how long the operator takes
+    to give a new Distillation (suspended: it starts no work) its status."""
+
+    def __init__(self, node: Node, stage: str) -> None:
+        self.node, self.stage = node, stage
+        self.restart_seconds: float | None = None
+        self.recovered_in: float | None = None
+
+    def __call__(self, distillation: dict[str, Any]) -> None:
+        if self.restart_seconds is not None or self.stage not in running_stages(distillation):
+            return
+        began = time.time()
+        ready = self.node.plane.restart_api_server()
+        self.restart_seconds = ready - began
+        probe = distillation_named("after-restart")
+        probe["spec"]["policy"]["suspend"] = True
+        self.node.plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(probe))
+        while time.time() - ready < 3 * OPERATOR_RECOVERS_WITHIN:
+            got = json.loads(
+                self.node.plane.kubectl(
+                    "get", "dist", "after-restart", "-n", NAMESPACE, "-o", "json"
+                ).stdout
+            )
+            if (got.get("status") or {}).get("observedGeneration") == 1:
+                self.recovered_in = time.time() - ready
+                break
+            time.sleep(0.5)
+        self.node.plane.kubectl("delete", "dist", "after-restart", "-n", NAMESPACE)
+        print(
+            f"restarted the API server during {self.stage} ({self.restart_seconds:.0f} s); "
+            f"the operator answered a new Distillation {self.recovered_in} s after",
+            flush=True,
+        )
 
 
 def chown_tree(root: Path, uid: int) -> None:
@@ -206,10 +324,10 @@ def summary(node: Node) -> str:
 
 
 def wait_ready(
-    node: Node, timeout: float, on_change: Callable[[dict[str, Any]], None]
+    node: Node, timeout: float, faults: Sequence[Callable[[dict[str, Any]], None]]
 ) -> dict[str, Any]:
-    """The Distillation once finished (Succeeded or Failed), printing its rows as they change
-    and calling ``on_change`` with it each time."""
+    """The Distillation once finished (Succeeded or Failed), printing its rows as they change;
+    each poll hands it to every one of ``faults`` (each strikes once, when its stage runs)."""
     deadline = time.monotonic() + timeout
     last = ""
     while True:
@@ -223,12 +341,13 @@ def wait_ready(
         if row != last:
             print(f"{time.strftime('%H:%M:%S')} {row}", flush=True)
             last = row
-            on_change(got)
+        for fault in faults:
+            fault(got)
         if (got.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return got
         if time.monotonic() > deadline:
             raise AssertionError(f"not Ready after {timeout}s:\n{summary(node)}")
-        time.sleep(5)
+        time.sleep(POLL_SECONDS)
 
 
 @pytest.fixture(scope="module")
@@ -265,11 +384,20 @@ def pipeline(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     try:
         node.plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(distillation()))
         killer = OperatorPodKiller(node, OPERATOR_POD_KILLED_IN)
-        final = wait_ready(node, PIPELINE_TIMEOUT, killer)
+        worker_killer = RayWorkerKiller(node, root, WORKER_POD_KILLED_IN)
+        restart = ApiServerRestart(node, API_SERVER_RESTARTED_IN)
+        final = wait_ready(node, PIPELINE_TIMEOUT, [restart, killer, worker_killer])
         print(f"installed in {installed:.0f} s; pipeline {time.monotonic() - t0 - installed:.0f} s")
         print(stage_times(final))
         print(summary(node))
-        yield {"distillation": final, "root": root, "stand_in": stand_in, "killed": killer.killed}
+        yield {
+            "distillation": final,
+            "root": root,
+            "stand_in": stand_in,
+            "killed": killer.killed,
+            "worker_killer": worker_killer,
+            "restart": restart,
+        }
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -315,13 +443,11 @@ def test_a_deleted_operator_pod_neither_duplicates_a_rayjob_nor_reruns_a_stage(
     assert pipeline["killed"], (
         f"the operator's pod was never deleted during {OPERATOR_POD_KILLED_IN}"
     )
-    rayjobs = json.loads(node.plane.kubectl("get", "rayjobs", "-n", NAMESPACE, "-o", "json").stdout)
-    per_stage: dict[str, list[str]] = {}
-    for job in rayjobs["items"]:
-        per_stage.setdefault(job["metadata"]["labels"]["distillation.dev/stage"], []).append(
-            job["metadata"]["name"]
-        )
-    assert all(len(names) == 1 for names in per_stage.values()), per_stage
+    per_attempt = rayjob_attempts(node)
+    assert all(len(names) == 1 for names in per_attempt.values()), per_attempt
+    retried = {WORKER_POD_KILLED_IN: 2}  # the deleted Ray worker's stage, and only it
+    expected = {(stage, n) for stage, _ in per_attempt for n in range(1, retried.get(stage, 1) + 1)}
+    assert sorted(per_attempt) == sorted(expected)
     pods = operator_pods(node)
     assert pods  # its Deployment made a new one
     assert pipeline["killed"] not in pods
@@ -359,3 +485,54 @@ def test_the_hub_token_appears_nowhere_but_in_its_secret(
     assert len([p for p in places if p.startswith("logs ")]) >= 3, sorted(places)
     leaked = [place for place, text in places.items() if FAKE_HUB_TOKEN in text]
     assert not leaked, leaked
+
+
+def rayjob_attempts(node: Node) -> dict[tuple[str, int], list[str]]:
+    """The Distillation's RayJobs by (stage, attempt)."""
+    rayjobs = json.loads(node.plane.kubectl("get", "rayjobs", "-n", NAMESPACE, "-o", "json").stdout)
+    found: dict[tuple[str, int], list[str]] = {}
+    for job in rayjobs["items"]:
+        labels = job["metadata"]["labels"]
+        key = (labels["distillation.dev/stage"], int(labels["distillation.dev/attempt"]))
+        found.setdefault(key, []).append(job["metadata"]["name"])
+    return found
+
+
+def test_a_deleted_ray_worker_fails_one_attempt_and_the_next_resumes_from_its_checkpoint(
+    pipeline: dict[str, Any],
+) -> None:
+    killer: RayWorkerKiller = pipeline["worker_killer"]
+    assert killer.killed, f"no Ray worker was deleted during {WORKER_POD_KILLED_IN}"
+    assert killer.processes > 0, f"no process of {killer.killed} found in the node's cgroups"
+    train = next(s for s in pipeline["distillation"]["status"]["stages"] if s["name"] == "train")
+    assert (train["state"], train["attempts"]) == ("Succeeded", 2), train
+    resumed = int(train["metrics"]["resumedFromStep"])
+    assert killer.checkpoint is not None
+    assert resumed >= killer.checkpoint, (resumed, train)
+    artifact = pipeline["root"] / "artifacts" / "tiny" / train["artifact"].rpartition("/")[2]
+    steps = [json.loads(line)["step"] for line in (artifact / "metrics.jsonl").open()]
+    assert steps == list(range(1, len(steps) + 1)), "every step once, in order, across attempts"
+    assert int(train["metrics"]["steps"]) == len(steps) > resumed
+
+
+def test_the_operator_recovers_by_itself_when_the_api_server_restarts(
+    node: Node, pipeline: dict[str, Any]
+) -> None:
+    restart: ApiServerRestart = pipeline["restart"]
+    assert restart.restart_seconds is not None, f"never restarted during {API_SERVER_RESTARTED_IN}"
+    assert restart.recovered_in is not None, "the operator never answered after the restart"
+    assert restart.recovered_in <= OPERATOR_RECOVERS_WITHIN, restart.recovered_in
+    restarts = json.loads(
+        node.plane.kubectl(
+            "get",
+            "pods",
+            "-n",
+            OPERATOR_NAMESPACE,
+            "-l",
+            "app.kubernetes.io/name=distillation-operator",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    counts = [c["restartCount"] for p in restarts for c in p["status"]["containerStatuses"]]
+    assert counts == [0], "recovered without its container restarting"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from support.images import Image, chart_images, loaded, podman
+from support.tiers import deselect_unless_asked
 
 DESELECTED = pytest.StashKey[int]()
 
@@ -23,14 +24,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark these tests `images`; they run only when asked for (`-m images`, which `make
     test-images` passes), since they need `make images` first (minutes, ~20 GB of disk). A plain
     `pytest` (make test) deselects them and says so."""
-    here = Path(__file__).parent
-    ours = [item for item in items if here in Path(str(item.fspath)).parents]
-    for item in ours:
-        item.add_marker(pytest.mark.images)
-    if ours and "images" not in (config.getoption("markexpr") or ""):
-        config.hook.pytest_deselected(items=ours)
-        items[:] = [item for item in items if item not in ours]
-        config.stash[DESELECTED] = len(ours)
+    if count := deselect_unless_asked(config, items, Path(__file__).parent, "images"):
+        config.stash[DESELECTED] = count
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -158,6 +158,25 @@ class ControlPlane:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
+    def restart_api_server(self, timeout: float = 120) -> float:
+        """Restart the API server (``testcluster up`` does on SIGUSR1: same port, certificates
+        and etcd data) and wait until it is ready again; returns ``time.time()`` of that moment.
+        """
+        if self.process is None:
+            raise RuntimeError("this control plane was not started here: cannot restart it")
+        state = self.kubeconfig.parent / "state.json"
+        before = json.loads(state.read_text())["kube-apiserver_pid"]
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"testcluster up exited {self.process.returncode} on restart")
+            now = json.loads(state.read_text())["kube-apiserver_pid"]  # rewritten once ready
+            if now != before and self.kubectl("get", "--raw=/readyz", check=False).returncode == 0:
+                return time.time()
+            time.sleep(0.5)
+        raise AssertionError(f"the API server was not ready {timeout}s after its restart")
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

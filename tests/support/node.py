@@ -10,6 +10,7 @@ hack/testcluster/README.md). Stopping the node undoes everything it did to the h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -150,3 +151,19 @@ def leftovers(workdir: Path) -> list[str]:
     if RUN_DIR.exists():
         found.append(f"folder {RUN_DIR}")
     return found
+
+
+def crash_pod(uid: str) -> int:
+    """SIGKILL every process of the pod ``uid`` from the node, as a crashed machine or the OOM
+    killer ends them: no SIGTERM, no grace period, nothing flushed (the kubelet sees its
+    containers die). Returns how many processes were killed."""
+    procs = {
+        int(pid)
+        for cgroup in Path("/sys/fs/cgroup").glob(f"*/kubepods*/**/pod{uid}")
+        for listing in cgroup.rglob("cgroup.procs")
+        for pid in listing.read_text().split()
+    }
+    for pid in procs:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.kill(pid, signal.SIGKILL)
+    return len(procs)
