@@ -127,9 +127,9 @@ def host_claims(node: Node, root: Path, namespace: str, claims: tuple[str, ...])
         )
 
 
-def operator_pods(node: Node) -> list[str]:
-    """The operator's pods (``pod/NAME``), as the chart labels them."""
-    return node.plane.kubectl(
+def operator_pod_objects(node: Node) -> list[dict[str, Any]]:
+    """The operator's pods, as the chart labels them."""
+    found = node.plane.kubectl(
         "get",
         "pods",
         "-n",
@@ -137,8 +137,15 @@ def operator_pods(node: Node) -> list[str]:
         "-l",
         "app.kubernetes.io/name=distillation-operator",
         "-o",
-        "name",
-    ).stdout.split()
+        "json",
+    ).stdout
+    items: list[dict[str, Any]] = json.loads(found)["items"]
+    return items
+
+
+def operator_pods(node: Node) -> list[str]:
+    """The operator's pods as ``pod/NAME``."""
+    return [f"pod/{pod['metadata']['name']}" for pod in operator_pod_objects(node)]
 
 
 def running_stages(distillation: dict[str, Any]) -> set[str]:
@@ -522,17 +529,6 @@ def test_the_operator_recovers_by_itself_when_the_api_server_restarts(
     assert restart.restart_seconds is not None, f"never restarted during {API_SERVER_RESTARTED_IN}"
     assert restart.recovered_in is not None, "the operator never answered after the restart"
     assert restart.recovered_in <= OPERATOR_RECOVERS_WITHIN, restart.recovered_in
-    restarts = json.loads(
-        node.plane.kubectl(
-            "get",
-            "pods",
-            "-n",
-            OPERATOR_NAMESPACE,
-            "-l",
-            "app.kubernetes.io/name=distillation-operator",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
-    counts = [c["restartCount"] for p in restarts for c in p["status"]["containerStatuses"]]
+    pods = operator_pod_objects(node)
+    counts = [c["restartCount"] for p in pods for c in p["status"]["containerStatuses"]]
     assert counts == [0], "recovered without its container restarting"
