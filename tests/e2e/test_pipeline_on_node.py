@@ -207,7 +207,7 @@ class RayWorkerKiller:
         cluster = (rayjob.get("status") or {}).get("rayClusterName")
         if not cluster:
             return
-        workers = self.node.plane.kubectl(
+        found = self.node.plane.kubectl(
             "get",
             "pods",
             "-n",
@@ -216,23 +216,22 @@ class RayWorkerKiller:
             f"ray.io/cluster={cluster},ray.io/node-type=worker",
             "--field-selector=status.phase=Running",
             "-o",
-            "name",
-        ).stdout.split()
-        if not workers:
+            "json",
+        ).stdout
+        pods = json.loads(found)["items"]
+        if not pods:
             return
         # a lost node, not a drain: its processes SIGKILLed at once (a graceful delete was seen
         # to leave the tiny training time to finish, and the attempt succeeded), then the pod
         # deleted so that KubeRay makes a new one
-        pods = json.loads(
-            self.node.plane.kubectl("get", "-n", NAMESPACE, *workers, "-o", "json").stdout
-        )
-        items = pods.get("items", [pods])
-        self.processes = sum(crash_pod(p["metadata"]["uid"]) for p in items)
+        workers = [f"pod/{p['metadata']['name']}" for p in pods]
+        self.processes = sum(crash_pod(p["metadata"]["uid"]) for p in pods)
         self.node.plane.kubectl("delete", "-n", NAMESPACE, *workers, "--wait=false")
-        print(f"SIGKILLed {self.processes} processes of {workers}", flush=True)
         self.killed, self.checkpoint = workers, step
         print(
-            f"deleted the Ray worker {workers} during {self.stage} (checkpoint {step})", flush=True
+            f"crashed ({self.processes} processes SIGKILLed) and deleted the Ray worker "
+            f"{workers} during {self.stage} (checkpoint {step})",
+            flush=True,
         )
 
 
@@ -265,9 +264,10 @@ class ApiServerRestart:
                 break
             time.sleep(0.5)
         self.node.plane.kubectl("delete", "dist", "after-restart", "-n", NAMESPACE)
+        answered = "never" if self.recovered_in is None else f"{self.recovered_in:.1f} s after"
         print(
             f"restarted the API server during {self.stage} ({self.restart_seconds:.0f} s); "
-            f"the operator answered a new Distillation {self.recovered_in} s after",
+            f"the operator answered a new Distillation: {answered}",
             flush=True,
         )
 

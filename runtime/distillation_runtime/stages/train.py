@@ -721,26 +721,23 @@ def mirror_checkpoint(checkpoint: Path, metrics: Path, job: TrainJob) -> None:
     """Copy a complete checkpoint, with the metrics up to its step, to ``checkpoint_mirror``
     (``step-N``, marker last), then drop mirrored ones older than ``keep_checkpoints``.
     Rank 0 only: a mirror is refused for sharded (several-worker) training in a Ray job."""
-    from distillation_runtime.storage import (
-        complete_children,
-        remove_artifact,
-        staging_dir,
-        write_artifact,
-    )
+    from distillation_runtime.storage import remove_artifact, write_artifact
 
     mirror = str(job.checkpoint_mirror).rstrip("/")
-    with staging_dir() as staged:
-        shutil.copytree(checkpoint, staged / checkpoint.name)
-        if metrics.exists():
-            shutil.copy(metrics, staged / checkpoint.name / METRICS_FILE)
-        step = checkpoint_step(checkpoint)
-        write_artifact(f"{mirror}/{checkpoint.name}", staged / checkpoint.name, {"step": step})
-    mirrored = sorted(
-        (n for n in complete_children(mirror) if checkpoint_step(Path(n)) is not None),
-        key=lambda n: checkpoint_step(Path(n)) or 0,
-    )
-    for old in mirrored[: -job.keep_checkpoints]:
-        remove_artifact(f"{mirror}/{old}")
+    if metrics.exists():  # travels with the checkpoint: a restored run continues these lines
+        shutil.copy(metrics, checkpoint / METRICS_FILE)
+    step = checkpoint_step(checkpoint)
+    write_artifact(f"{mirror}/{checkpoint.name}", checkpoint, {"step": step})
+    for old in mirrored_steps(mirror)[: -job.keep_checkpoints]:
+        remove_artifact(f"{mirror}/step-{old}")
+
+
+def mirrored_steps(mirror: str) -> list[int]:
+    """The steps of the complete checkpoints under ``mirror``, oldest first."""
+    from distillation_runtime.storage import complete_children
+
+    found = (checkpoint_step(Path(name)) for name in complete_children(mirror))
+    return sorted(step for step in found if step is not None)
 
 
 def restore_checkpoint(job: TrainJob) -> int | None:
@@ -748,16 +745,16 @@ def restore_checkpoint(job: TrainJob) -> int | None:
     metrics) into ``output`` when it is newer than any there, so the run resumes from it as
     from its own. Returns the step restored, None when nothing was."""
     from distillation_runtime.plan import COMPLETION_MARKER
-    from distillation_runtime.storage import MANIFEST, complete_children, fetch_artifact
+    from distillation_runtime.storage import MANIFEST, fetch_artifact
 
     if job.checkpoint_mirror is None:
         return None
     mirror = job.checkpoint_mirror.rstrip("/")
-    steps = [s for n in complete_children(mirror) if (s := checkpoint_step(Path(n))) is not None]
+    steps = mirrored_steps(mirror)
     local = latest_checkpoint(Path(job.output))
-    if not steps or (local is not None and (checkpoint_step(local) or 0) >= max(steps)):
+    if not steps or (local is not None and (checkpoint_step(local) or 0) >= steps[-1]):
         return None
-    step = max(steps)
+    step = steps[-1]
     target = Path(job.output) / CHECKPOINTS / f"step-{step}"
     shutil.rmtree(target, ignore_errors=True)
     fetch_artifact(f"{mirror}/step-{step}", target)
@@ -804,7 +801,6 @@ def run(job: TrainJob, *, use_ray: bool | None = None) -> Path:
     workers = job.train.workers
     if use_ray is None:
         use_ray = workers > 1
-    restore_checkpoint(job)  # before any worker starts: they all resume from what is here
     if not use_ray:
         train_worker(job.model_dump(mode="json"))
     else:
@@ -907,7 +903,7 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         progress=progress_uri(artifact),
         checkpoint_mirror=checkpoint_mirror(artifact),
     )
-    restore_checkpoint(job)
+    restore_checkpoint(job)  # before any worker starts: they all resume from what is here
     resumed = latest_checkpoint(Path(job.output))  # what train_worker will continue from
     model = run(job)
     shutil.copytree(model, folder / FINAL_MODEL)
