@@ -272,6 +272,9 @@ build_daemonless() {
     log "$ref: loading the cached archive into the image storage"
     skopeo copy --quiet "oci-archive:$cached" "$storage_ref$ref"
   else
+    # Free the disk before writing: the stale archive of this image (gigabytes) goes first, and
+    # the push needs the image's size again in temporary space.
+    forget_older "$ref_repo" "$tag" "$key"
     # With overlay a layer holds only its changes, so the locked dependencies are a cached layer
     # of their own; vfs stores every layer as a full copy (gigabytes each): one layer there.
     local layers=--layers=false
@@ -352,6 +355,13 @@ mkdir -p "$cache/images"
 exec 9>"$cache/images/.lock"
 flock 9 # one build at a time on this machine's cache
 
+# A push killed half-way (a full disk, a stopped session) leaves its image-sized temporary file;
+# under the lock nothing else is using them. The build cache folder stays.
+forget_interrupted_pushes() {
+  [ -d "$1" ] || return 0
+  find "$1" -mindepth 1 -maxdepth 1 ! -name buildah-cache -exec rm -rf {} +
+}
+
 case "$builder" in
   docker)
     for name in "${names[@]}"; do build_docker "$name"; done
@@ -360,6 +370,8 @@ case "$builder" in
     [ "$(id -u)" -eq 0 ] || die "the daemonless build runs as root (debootstrap, chroot isolation)"
     ensure_tools debootstrap buildah podman skopeo runc
     prepare_storage
+    forget_interrupted_pushes "$store_root/tmp"
+    rm -f "$cache/images/archives/"*.oci.tar.tmp
     base_started=$SECONDS
     base_id=$(base_image)
     log "base image $base_id ready in $((SECONDS - base_started)) s"
