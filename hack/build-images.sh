@@ -254,6 +254,14 @@ forget_older() {
     while read -r id; do buildah_ rmi "$id" >/dev/null 2>&1 || true; done
 }
 
+# A push killed half-way (a full disk, a stopped session) leaves an image-sized temporary file
+# and a partial archive; the caller holds the build lock, so nothing else is using them. The
+# layer cache folder stays.
+forget_interrupted_pushes() {
+  find "$store_root/tmp" -mindepth 1 -maxdepth 1 ! -name buildah-cache -exec rm -rf {} +
+  rm -f "$cache/images/archives/"*.oci.tar.tmp
+}
+
 build_daemonless() {
   local name=$1 dockerfile ref_repo tag flavor variant
   read -r dockerfile ref_repo tag flavor variant <<<"$(image_spec "$name")"
@@ -355,13 +363,6 @@ mkdir -p "$cache/images"
 exec 9>"$cache/images/.lock"
 flock 9 # one build at a time on this machine's cache
 
-# A push killed half-way (a full disk, a stopped session) leaves its image-sized temporary file;
-# under the lock nothing else is using them. The build cache folder stays.
-forget_interrupted_pushes() {
-  [ -d "$1" ] || return 0
-  find "$1" -mindepth 1 -maxdepth 1 ! -name buildah-cache -exec rm -rf {} +
-}
-
 case "$builder" in
   docker)
     for name in "${names[@]}"; do build_docker "$name"; done
@@ -370,8 +371,7 @@ case "$builder" in
     [ "$(id -u)" -eq 0 ] || die "the daemonless build runs as root (debootstrap, chroot isolation)"
     ensure_tools debootstrap buildah podman skopeo runc
     prepare_storage
-    forget_interrupted_pushes "$store_root/tmp"
-    rm -f "$cache/images/archives/"*.oci.tar.tmp
+    forget_interrupted_pushes
     base_started=$SECONDS
     base_id=$(base_image)
     log "base image $base_id ready in $((SECONDS - base_started)) s"
