@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,63 @@ def test_on_an_object_store_a_new_pod_resumes_from_the_checkpoint_it_mirrored(
     straight = metrics(Path(reference.output))
     assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
     assert complete_children(mirror) == ["step-20", "step-24"]
+
+
+CRASH_RUN_AT_STEP_55 = """
+import os, sys, torch
+from distillation_runtime.cli import main
+real_step, calls = torch.optim.AdamW.step, []
+def step_or_die(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 55:
+        os._exit(137)  # after checkpoint 50 was mirrored, like a lost pod: no cleanup runs
+    return real_step(self, *args, **kwargs)
+torch.optim.AdamW.step = step_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_distill_run_on_an_object_store_resumes_on_a_fresh_disk_and_says_from_where(
+    workdir: Path, bucket: str, tmp_path: Path
+) -> None:
+    """What a retried RayJob on a new pod does, through the stage itself (``execute``): the
+    pod's disk is gone, the mirrored checkpoint is restored from the s3:// output before
+    training, and the stage reports ``resumedFromStep``."""
+    from distillation_runtime.storage import filesystem, read_manifest
+
+    with (tmp_path / "prompts.jsonl").open("w") as f:
+        for e in sample_examples("addition", 96, seed=3):
+            f.write(json.dumps({"prompt": e.prompt}) + "\n")
+    spec = {
+        "teacher": {"model": str(workdir / "teacher")},
+        "student": {"model": str(workdir / "student")},
+        "dataset": {"prompts": str(tmp_path / "prompts.jsonl"), "evalFraction": "0.25"},
+        "generate": {"maxNewTokens": 4, "topLogprobs": 4},
+        "train": {"epochs": 4, "batchSize": 4, "learningRate": "1e-3"},  # ~18 steps an epoch
+        "output": f"s3://{bucket}/run",
+    }
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+
+    def distill_run(pod: str, program: list[str]) -> subprocess.CompletedProcess[str]:
+        env = os.environ | {"DISTILL_WORK_DIR": str(tmp_path / pod)}  # each pod its own disk
+        return subprocess.run(
+            [*program, "run", str(tmp_path / "spec.yaml")], capture_output=True, text=True, env=env
+        )
+
+    crashed = distill_run("first-pod", [sys.executable, "-c", CRASH_RUN_AT_STEP_55])
+    assert crashed.returncode == 137, crashed.stderr[-3000:]
+    done = distill_run("next-pod", [str(Path(sys.executable).parent / "distill")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumedFromStep=50" in done.stdout, done.stdout
+    train = next(line for line in done.stdout.splitlines() if line.startswith("train "))
+    artifact = train.split()[-1]
+    assert artifact.startswith(f"s3://{bucket}/run/train-"), train
+    metrics = read_manifest(artifact)["metrics"]
+    assert metrics["resumedFromStep"] == 50, metrics
+    fs, path = filesystem(f"{artifact}/{METRICS_FILE}")
+    steps = [json.loads(line)["step"] for line in fs.cat(path).decode().splitlines()]
+    assert steps == list(range(1, metrics["steps"] + 1)), "every step once, across both pods"
+    assert metrics["steps"] > 55, metrics  # trained past the crash
 
 
 def test_two_ray_workers_lower_the_loss_and_save_a_student(workdir: Path) -> None:
