@@ -222,7 +222,7 @@ def recipe(
     if scheme is QuantScheme.FP8_DYNAMIC:
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)]
     if scheme is QuantScheme.W4A16:
-        from compressed_tensors.quantization import (  # type: ignore[import-not-found, unused-ignore]
+        from compressed_tensors.quantization import (  # type: ignore[import-not-found, import-untyped, unused-ignore]
             QuantizationArgs,
             QuantizationScheme,
         )
