@@ -131,18 +131,27 @@ def test_online_logits_and_features_train_together(workdir: Path) -> None:
     assert lines[-1]["features"] < lines[0]["features"]
 
 
-CRASH_AT_STEP_11 = """
+def dies_at_step(step: int, then: str) -> str:
+    """A Python program that runs ``then`` with AdamW's ``step`` patched to SIGKILL-exit (137,
+    no cleanup, like a lost pod) on its ``step``-th call."""
+    return f"""
 import os, sys, torch
-from distillation_runtime.stages.train import TrainJob, run
 real_step, calls = torch.optim.AdamW.step, []
 def step_or_die(self, *args, **kwargs):
     calls.append(1)
-    if len(calls) == 11:
-        os._exit(137)  # dies between checkpoints 8 and 12, like a SIGKILL: no cleanup runs
+    if len(calls) == {step}:
+        os._exit(137)
     return real_step(self, *args, **kwargs)
 torch.optim.AdamW.step = step_or_die
-run(TrainJob.model_validate_json(sys.argv[1]))
+{then}
 """
+
+
+CRASH_AT_STEP_11 = dies_at_step(  # between checkpoints 8 and 12
+    11,
+    "from distillation_runtime.stages.train import TrainJob, run\n"
+    "run(TrainJob.model_validate_json(sys.argv[1]))",
+)
 
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(workdir: Path) -> None:
@@ -192,18 +201,9 @@ def test_on_an_object_store_a_new_pod_resumes_from_the_checkpoint_it_mirrored(
     assert complete_children(mirror) == ["step-20", "step-24"]
 
 
-CRASH_RUN_AT_STEP_55 = """
-import os, sys, torch
-from distillation_runtime.cli import main
-real_step, calls = torch.optim.AdamW.step, []
-def step_or_die(self, *args, **kwargs):
-    calls.append(1)
-    if len(calls) == 55:
-        os._exit(137)  # after checkpoint 50 was mirrored, like a lost pod: no cleanup runs
-    return real_step(self, *args, **kwargs)
-torch.optim.AdamW.step = step_or_die
-sys.exit(main(sys.argv[1:]))
-"""
+CRASH_RUN_AT_STEP_55 = dies_at_step(  # `distill run`, after checkpoint 50 was mirrored
+    55, "from distillation_runtime.cli import main\nsys.exit(main(sys.argv[1:]))"
+)
 
 
 def test_distill_run_on_an_object_store_resumes_on_a_fresh_disk_and_says_from_where(
