@@ -220,8 +220,13 @@ def test_a_rayjob_deleted_while_it_runs_has_its_driver_killed(
         assert run is not None
         assert run.process.poll() is None
         kube.custom.delete_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", "long")
-        wait_for("the driver killed", lambda: run.process.poll() is not None, timeout=60)
-        assert stand_in.current is None
+        # the stand-in's thread kills the driver, then forgets the run: wait for both, not the
+        # first alone (the test thread can see the process gone before `current` is cleared)
+        wait_for(
+            "the driver killed and the run forgotten",
+            lambda: run.process.poll() is not None and stand_in.current is None,
+            timeout=60,
+        )
 
 
 def test_the_kserve_stand_in_serves_until_the_inference_service_is_deleted(
