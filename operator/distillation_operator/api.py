@@ -535,7 +535,14 @@ class ServeSpec(SpecModel):
         "io/v1alpha2: vLLM behind KServe's gateway and the llm-d scheduler). Default: the one "
         "the cluster serves, InferenceService when it serves both.",
     )
-    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica.")
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="GPUs per replica. 0 serves with `distill serve` of the runtime image "
+        "(transformers on the CPU; a quantised student is decompressed as it loads, as the "
+        "evaluate-quantized stage loads it): for trying the pipeline without GPUs, not for speed.",
+    )
     tensor_parallel_size: int | None = Field(
         default=None,
         ge=1,
@@ -618,6 +625,17 @@ class PolicySpec(SpecModel):
         default=False,
         description="Pause: no new stage starts, and a running stage's RayJob is suspended "
         "(unless Kueue manages it). Set back to false to continue where it stopped.",
+    )
+    max_parallel_stages: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="Stages whose RayJobs may run at once. Default: no limit (stages that do "
+        "not need each other, such as prune and generate, run together). Set 1 where the "
+        "namespace's quota or GPU pool fits one stage's Ray cluster at a time: KubeRay creates "
+        "each RayJob's pods without gang scheduling, so two stages started together can each "
+        "hold part of the quota and wait for the other's pods forever. A waiting stage is "
+        "Pending with a message naming the stages it waits for.",
     )
     stage_deadline_seconds: int | None = Field(
         default=None,

@@ -43,7 +43,7 @@ from distillation_operator.api import (
     StageState,
     StageStatus,
 )
-from distillation_operator.builders.common import ANNOTATION_SPEC_HASH, Images
+from distillation_operator.builders.common import ANNOTATION_SPEC_HASH, LABEL_STAGE, Images
 from distillation_operator.builders.inference_service import (
     INFERENCE_SERVICE_API,
     build_inference_service,
@@ -144,12 +144,6 @@ def feasibility_problems(spec: DistillationSpec, plan: Plan) -> list[str]:
             "(placement.stages.generate.gpus, else placement.workers.gpus, is 0): vLLM runs on "
             "GPUs only; give the generate stage GPUs, or set generate.backend to transformers "
             "or auto"
-        )
-    if spec.serve is not None and spec.serve.gpus == 0 and spec.quantize is not None:
-        schemes = ", ".join(s.value for s in spec.quantize.candidates)
-        problems.append(
-            f"spec.serve.gpus is 0 but spec.quantize tries {schemes}: vLLM runs "
-            "compressed-tensors checkpoints on GPUs only; set serve.gpus >= 1 or drop quantize"
         )
     problems += training_problems(spec)
     if spec.serve is not None and spec.serve.gpus == 0 and spec.serve.args:
@@ -523,16 +517,43 @@ def still_running_on_shared_cluster(d: Decision, stage: str) -> Job | None:
     return live[0] if live else None
 
 
+def running_stages(d: Decision) -> list[str]:
+    """Stages with a RayJob running now or created by this decision, in plan order: what
+    ``policy.maxParallelStages`` counts (a stopping or finished RayJob's cluster is on its way
+    out, so it does not count)."""
+    live = {j.stage for j in d.understood.jobs if not j.finished and not j.deleting}
+    live |= {
+        child["metadata"]["labels"][LABEL_STAGE]
+        for child in d.actions.create
+        if child.get("kind") == "RayJob"
+    }
+    return [s.name for s in d.understood.plan.stages if s.name in live]
+
+
+def parallel_limit_message(d: Decision) -> str | None:
+    """Why no further stage may start now (``policy.maxParallelStages`` reached), or None."""
+    limit = d.spec.policy.max_parallel_stages
+    running = running_stages(d)
+    if limit is None or len(running) < limit:
+        return None
+    return f"waits for {', '.join(running)} to finish (spec.policy.maxParallelStages is {limit})"
+
+
 def start_attempt(d: Decision, view: StageView, record: StageStatus) -> None:
     """Create the next attempt's RayJob. Attempts are numbered across fingerprints, so a
     replaced stage's new RayJob never reuses a name that may still be terminating; on a shared
-    RayCluster it waits until the previous driver is gone."""
+    RayCluster it waits until the previous driver is gone; it waits, too, while
+    ``policy.maxParallelStages`` stages run (the RayJob event of one finishing wakes it)."""
     name = view.stage.name
     blocking = still_running_on_shared_cluster(d, name)
     if blocking is not None:
         record.state = StageState.PENDING
         record.message = f"waits for {blocking.name} to stop on the shared RayCluster"
         d.actions.requeue(SHARED_CLUSTER_POLL_SECONDS)
+        return
+    if (full := parallel_limit_message(d)) is not None:
+        record.state = StageState.PENDING
+        record.message = full
         return
     earlier = [j.attempt for j in d.understood.jobs if j.stage == name]
     attempt = max([record.attempts, *earlier]) + 1

@@ -22,8 +22,9 @@ from distillation_runtime.demo import (
     save_pretrained,
 )
 from distillation_runtime.plan import make_plan
+from distillation_runtime.serve import Engine, GenerationRequest, ServeOptions
 from distillation_runtime.spec import PipelineSpec
-from distillation_runtime.stages import STAGES
+from distillation_runtime.stages import MODEL_DIR, STAGES
 from distillation_runtime.storage import artifact_complete, read_manifest
 
 DISTILL = Path(sys.executable).parent / "distill"
@@ -89,6 +90,11 @@ def test_prune_distill_quantize_and_evaluate_the_quantised_student(project: Path
     assert evaluated["inputs"]["quantize"] == plan.artifact("quantize")
     report = json.loads(Path(plan.artifact("evaluate-quantized"), "report.json").read_text())
     assert report["lineage"]["quantize artifact"] == plan.artifact("quantize")
+    # what `serve.gpus: 0` serves: `distill serve` loads the compressed-tensors checkpoint with
+    # transformers (decompressed on the CPU, as evaluate-quantized loaded it) and answers
+    engine = Engine.load(ServeOptions(model=str(Path(plan.artifact("quantize"), MODEL_DIR))), print)
+    [answer] = engine.answer(GenerationRequest(prompts=("12+34=",), max_tokens=4, temperature=0))
+    assert answer.response_ids
 
     # Another target for the same teacher and prompts: the scores are reused, no forward pass.
     again = distill("run", str(write(project, "one.yaml", spec(project, 1))), cwd=project)

@@ -418,6 +418,32 @@ def test_a_passed_preflight_starts_the_first_stages() -> None:
     assert conditions(obj)["SpecChecked"]["status"] == "True"
 
 
+def test_max_parallel_stages_holds_a_ready_stage_until_a_running_one_finishes() -> None:
+    """On a tight quota two stage clusters started together can each hold part of it and wait
+    for the other forever (KubeRay does not gang-schedule): with the limit, generate waits for
+    prune, says so, and starts when prune's RayJob has finished."""
+    obj = body(student={"prune": {"numLayers": 2}}, policy={"maxParallelStages": 1})
+    prune = step(obj, []).create
+    assert [c["metadata"]["labels"]["distillation.dev/stage"] for c in prune] == ["prune"]
+    records = {s["name"]: s for s in obj["status"]["stages"]}
+    assert records["generate"]["state"] == "Pending"
+    assert records["generate"]["message"] == (
+        "waits for prune to finish (spec.policy.maxParallelStages is 1)"
+    )
+    running = job_status(prune[0], jobDeploymentStatus="Running", jobStatus="RUNNING")
+    assert step(obj, [running]).create == []
+    done = job_status(prune[0], jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    uri = prune[0]["metadata"]["annotations"]["distillation.dev/artifact"]
+    then = step(obj, [done], artifacts={uri: Artifact({"metrics": {}})}).create
+    assert [c["metadata"]["labels"]["distillation.dev/stage"] for c in then] == ["generate"]
+
+
+def test_max_parallel_stages_of_two_starts_independent_stages_together() -> None:
+    obj = body(student={"prune": {"numLayers": 2}}, policy={"maxParallelStages": 2})
+    started = {c["metadata"]["labels"]["distillation.dev/stage"] for c in step(obj, []).create}
+    assert started == {"prune", "generate"}
+
+
 def test_a_refused_spec_is_invalid_and_starts_no_gpu_stage() -> None:
     obj = body(fresh=True)
     first = step(obj, []).create[0]
