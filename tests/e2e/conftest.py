@@ -73,10 +73,9 @@ class PeakMemory:
 PEAK_MEMORY = pytest.StashKey[PeakMemory]()
 
 
-NODE_IMAGES = ("operator", "runtime")
-"""The project's images the node imports. Not the quantize image: unpacked beside the runtime
-one in containerd it needs another ~10 GB of disk, which this machine does not have next to
-the image builder's storage (see the README's node tier section)."""
+NODE_IMAGES = ("operator", "runtime", "quantize")
+"""The project's images the node imports: the operator's, and the two the Distillation's stages
+run (the quantize stage in llm-compressor's image, every other one in the runtime image)."""
 
 
 def node_archives() -> list[Path]:

@@ -1,9 +1,10 @@
 """The product as a platform team first meets it, on a real node: ``helm install`` of the chart
 (the operator as a pod, under its own ServiceAccount and RBAC), the real KubeRay operator as a
-pod, and a tiny Distillation whose every stage runs in Ray pods of the runtime image, submitted
-by KubeRay's own submitter, its artifacts on a volume this test reads afterwards. The student is
-then served by a KServe STAND-IN (tests/support/kserve_pods.py: KServe's controller does not
-build here) that runs the operator's predictor container in a pod and marks the
+pod, and a tiny Distillation whose every stage (prune, generate, train, evaluate, quantize,
+evaluate-quantized) runs in Ray pods of the runtime or the quantize image, submitted by
+KubeRay's own submitter, its artifacts on a volume this test reads afterwards. The quantised
+student is then served by a KServe STAND-IN (tests/support/kserve_pods.py: KServe's controller
+does not build here) that runs the operator's predictor container in a pod and marks the
 InferenceService Ready only when that pod answers a completion.
 """
 
@@ -16,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ import yaml
 
 from support.chart import CHART
 from support.cluster import REPO
+from support.images import chart_images
+from support.kserve import predictor_container
 from support.kserve_pods import KServePodStandIn
 from support.kuberay import install_kuberay
 from support.node import Node, crash_pod
@@ -57,14 +61,25 @@ Distillation (the issue's bound: the operator recovers by itself, no pod restart
 POLL_SECONDS = 3.0
 
 
+PRUNED = {"hiddenSize": 64, "intermediateSize": 192}
+"""The student pruned from the demo's teacher (hidden 96, intermediate 288): the demo
+student's size, so it learns the task as fast."""
+QUANTIZE = {"scheme": "FP8_DYNAMIC", "minRetention": "0.9"}
+
+
 def distillation_named(name: str) -> dict[str, Any]:
-    """The demo's Distillation (hack/demo/run.py), sized for one 2-CPU node: a Ray head and one
-    worker per stage (with KubeRay's submitter pod beside them), each stage's Ray cluster
-    removed as soon as it finishes so the next one fits; and a hub token from a Secret."""
+    """The demo's Distillation (hack/demo/run.py) with the whole recipe: the student pruned from
+    the teacher and quantised to FP8 after training. Sized for one 2-CPU node: a Ray head and
+    one worker per stage (with KubeRay's submitter pod beside them), one stage at a time (two
+    stage clusters do not fit), each stage's Ray cluster removed as soon as it finishes so the
+    next one fits; and a hub token from a Secret."""
     body = demo_distillation()
     body["metadata"]["name"] = name
     spec = body["spec"]
     del spec["generate"]["batchSize"]
+    spec["student"] = {"prune": PRUNED}
+    spec["quantize"] = QUANTIZE
+    spec["policy"]["maxParallelStages"] = 1
     spec["placement"] = {
         "head": {"cpu": "400m", "memory": "2Gi"},
         "workers": {"cpu": "750m", "memory": "3Gi", "replicas": 1},
@@ -417,7 +432,15 @@ def test_every_stage_ran_in_ray_pods_and_the_student_is_served(pipeline: dict[st
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "Served"), ready
     states = {s["name"]: s["state"] for s in status["stages"]}
-    assert set(states) == {"preflight", "generate", "train", "evaluate"}, states
+    assert set(states) == {
+        "preflight",
+        "prune",
+        "generate",
+        "train",
+        "evaluate",
+        "quantize",
+        "evaluate-quantized",
+    }, states
     assert set(states.values()) == {"Succeeded"}, states
     answer = pipeline["stand_in"].answers.get("tiny")
     assert answer, pipeline["stand_in"].errors
@@ -442,6 +465,56 @@ def test_kuberay_ran_each_stage_and_its_artifact_is_on_the_volume(
         manifest = json.loads((artifact / "manifest.json").read_text())
         assert manifest["fingerprint"] == meta["annotations"]["distillation.dev/fingerprint"]
     assert seen == stages, (seen, stages)
+
+
+def test_the_quantize_stage_ran_in_its_own_image_and_the_quantised_student_is_served(
+    node: Node, pipeline: dict[str, Any]
+) -> None:
+    """Each stage's Ray head ran the image of its kind (the packages its manifest records say
+    so from inside the pod), FP8 kept the gate, and the InferenceService serves the quantised
+    model, not the trained one."""
+    images = chart_images()
+    rayjobs = json.loads(node.plane.kubectl("get", "rayjobs", "-n", NAMESPACE, "-o", "json").stdout)
+    for job in rayjobs["items"]:
+        if (job.get("status") or {}).get("jobStatus") != "SUCCEEDED":
+            continue
+        stage = job["metadata"]["labels"]["distillation.dev/stage"]
+        kind = "quantize" if stage == "quantize" else "runtime"
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        assert head["containers"][0]["image"] == images[kind].ref, stage
+        uri = job["metadata"]["annotations"]["distillation.dev/artifact"]
+        manifest = json.loads(
+            (pipeline["root"] / uri.removeprefix("pvc://") / "manifest.json").read_text()
+        )
+        assert ("llmcompressor" in manifest["libraries"]) == (kind == "quantize"), stage
+    stages = {s["name"]: s for s in pipeline["distillation"]["status"]["stages"]}
+    quantized = stages["quantize"]["metrics"]
+    assert (quantized["scheme"], quantized["quantized"]) == ("FP8_DYNAMIC", "true"), quantized
+    assert stages["evaluate-quantized"]["metrics"]["gatePassed"] == "true"
+    assert int(stages["prune"]["metrics"]["studentParameters"]) < int(
+        stages["prune"]["metrics"]["teacherParameters"]
+    )
+    isvc = json.loads(
+        node.plane.kubectl("get", "inferenceservice", "tiny", "-n", NAMESPACE, "-o", "json").stdout
+    )
+    env = {e["name"]: e.get("value") for e in predictor_container(isvc).get("env", [])}
+    assert env["STORAGE_URI"] == f"{stages['quantize']['artifact']}/model"
+
+
+def test_stages_ran_one_at_a_time_as_max_parallel_stages_says(pipeline: dict[str, Any]) -> None:
+    """policy.maxParallelStages 1: no stage's RayJob was created before the one before it had
+    finished (prune and generate, which need nothing of each other, included)."""
+    from datetime import datetime
+
+    def at(stamp: str) -> datetime:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+    ran = sorted(
+        (at(s["startTime"]), at(s["completionTime"]), s["name"])
+        for s in pipeline["distillation"]["status"]["stages"]
+    )
+    for (_, finished, name), (started, _, following) in pairwise(ran):
+        assert started >= finished, f"{following} started before {name} finished"
 
 
 def test_a_deleted_operator_pod_neither_duplicates_a_rayjob_nor_reruns_a_stage(
