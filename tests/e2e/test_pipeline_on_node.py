@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -339,14 +340,16 @@ def helm_install_operator(node: Node, workdir: Path) -> None:
     node.plane.wait_established("distillations.distillation.dev")
 
 
+def timestamp(stamp: str) -> datetime:
+    """A status time (RFC 3339, ``Z``) as an aware datetime."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
 def stage_times(distillation: dict[str, Any]) -> str:
     """Each stage's wall time, from its status (RayJob created to RayJob finished)."""
-    from datetime import datetime
 
     def seconds(stage: dict[str, Any]) -> float:
-        start = datetime.fromisoformat(stage["startTime"].replace("Z", "+00:00"))
-        end = datetime.fromisoformat(stage["completionTime"].replace("Z", "+00:00"))
-        return (end - start).total_seconds()
+        return (timestamp(stage["completionTime"]) - timestamp(stage["startTime"])).total_seconds()
 
     stages = distillation["status"].get("stages") or []
     return "stages: " + ", ".join(
@@ -511,13 +514,8 @@ def test_the_quantize_stage_ran_in_its_own_image_and_the_quantised_student_is_se
 def test_stages_ran_one_at_a_time_as_max_parallel_stages_says(pipeline: dict[str, Any]) -> None:
     """policy.maxParallelStages 1: no stage's RayJob was created before the one before it had
     finished (prune and generate, which need nothing of each other, included)."""
-    from datetime import datetime
-
-    def at(stamp: str) -> datetime:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
     ran = sorted(
-        (at(s["startTime"]), at(s["completionTime"]), s["name"])
+        (timestamp(s["startTime"]), timestamp(s["completionTime"]), s["name"])
         for s in pipeline["distillation"]["status"]["stages"]
     )
     for (_, finished, name), (started, _, following) in pairwise(ran):
