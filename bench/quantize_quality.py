@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from distillation_runtime.demo import make_tokenizer, parameter_count, save_pretrained
-from distillation_runtime.generation import SamplingConfig, generate, load_for_inference
+from distillation_runtime.generation import greedy_answer_ids, load_for_inference
+from distillation_runtime.metrics import token_agreement
 from distillation_runtime.records import Record, write_parquet
 from distillation_runtime.spec import EvaluateSpec, QuantizeSpec, TrainSpec
 from distillation_runtime.stages.evaluate import perplexity
@@ -188,18 +189,7 @@ def train(s: Settings, root: Path, tokenizer: Any, texts: list[str]) -> Path:
 
 
 def continuations(folder: Path, records: list[Record], tokens: int) -> list[list[int]]:
-    model, tokenizer = load_for_inference(folder)
-    config = SamplingConfig(max_new_tokens=tokens, batch_size=32)
-    return [a.response_ids for a in generate(model, tokenizer, [r.prompt for r in records], config)]
-
-
-def agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
-    """Share of the reference's tokens matched at the same position."""
-    same = sum(
-        sum(a == b for a, b in zip(x, y, strict=False))
-        for x, y in zip(ours, reference, strict=True)
-    )
-    return same / max(1, sum(len(y) for y in reference))
+    return greedy_answer_ids(folder, [r.prompt for r in records], tokens)
 
 
 def held_out_perplexity(folder: Path, records: list[Record]) -> float:
@@ -320,7 +310,7 @@ def main() -> int:
                     name,
                     scheme,
                     options_text(variant),
-                    agreement(ours, reference),
+                    token_agreement(ours, reference),
                     attempt.kept,
                     ppl,
                     base_ppl / ppl,

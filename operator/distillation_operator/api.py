@@ -635,7 +635,9 @@ class PolicySpec(SpecModel):
         "namespace's quota or GPU pool fits one stage's Ray cluster at a time: KubeRay creates "
         "each RayJob's pods without gang scheduling, so two stages started together can each "
         "hold part of the quota and wait for the other's pods forever. A waiting stage is "
-        "Pending with a message naming the stages it waits for.",
+        "Pending with a message naming the stages it waits for. Counts this Distillation's "
+        "own RayJobs only: a limit across Distillations in a namespace is Kueue's "
+        "(placement.queueName).",
     )
     stage_deadline_seconds: int | None = Field(
         default=None,

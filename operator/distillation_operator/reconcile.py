@@ -453,7 +453,8 @@ def follow_active(d: Decision, view: StageView, record: StageStatus) -> None:
         record.state = StageState.RUNNING
         record.message = running_message(latest.name, latest.attempt, latest.deployment)
         uri = progress_uri(d.understood.plan.artifact(view.stage.name))
-        record.progress = stage_progress(d.observed.progress.get(uri)) or record.progress
+        written = stage_progress(d.observed.progress.get(uri)) or record.progress
+        record.progress = this_attempts_progress(written, latest.created)
         d.actions.requeue(PROGRESS_POLL_SECONDS)
 
 
@@ -668,6 +669,18 @@ def stage_progress(record: Mapping[str, Any] | None) -> StageProgress | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def this_attempts_progress(
+    progress: StageProgress | None, attempt_created: datetime | None
+) -> StageProgress | None:
+    """``progress`` unless an earlier attempt wrote it: the record is named by stage and
+    fingerprint, not by attempt, so a retry finds the failed attempt's last record (train 100%,
+    say) until its own first write; one updated before this attempt's RayJob was created is
+    not shown."""
+    if progress is None or progress.updated is None or attempt_created is None:
+        return progress
+    return None if progress.updated < attempt_created else progress
 
 
 def artifacts_to_probe(understood: Understanding | SpecProblem, now: datetime) -> list[str]:

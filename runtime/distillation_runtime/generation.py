@@ -46,6 +46,16 @@ def load_for_inference(folder: str | Path) -> tuple[Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
+def greedy_answer_ids(
+    folder: str | Path, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
+) -> list[list[int]]:
+    """The greedy answer tokens of the model saved in ``folder``, as the evaluate stage
+    decodes them: what a quantised or re-served model is compared against."""
+    model, tokenizer = load_for_inference(folder)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [answer.response_ids for answer in generate(model, tokenizer, prompts, config)]
+
+
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

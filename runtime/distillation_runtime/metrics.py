@@ -130,3 +130,14 @@ def json_pass_rate(answers: Sequence[str]) -> float:
         return True
 
     return sum(parses(a) for a in answers) / len(answers) if answers else 0.0
+
+
+def token_agreement(ours: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
+    """Share of the reference answers' tokens that ``ours`` repeats at the same position: how
+    closely a changed model (quantised, served by another engine) answers like the original.
+    A shorter answer counts its missing positions as different."""
+    if len(ours) != len(reference):
+        raise ValueError(f"{len(ours)} answers to compare with {len(reference)} references")
+    pairs = zip(ours, reference, strict=True)
+    same = sum(sum(a == b for a, b in zip(x, y, strict=False)) for x, y in pairs)
+    return same / max(1, sum(len(y) for y in reference))

@@ -26,7 +26,8 @@ from distillation_runtime.demo import (
     save_pretrained,
     train_on_records,
 )
-from distillation_runtime.generation import SamplingConfig, generate, load_for_inference
+from distillation_runtime.generation import greedy_answer_ids
+from distillation_runtime.metrics import token_agreement
 from distillation_runtime.records import write_parquet
 from distillation_runtime.spec import QuantizeSpec
 from distillation_runtime.stages.quantize import (
@@ -73,26 +74,9 @@ def student(trained: tuple[Path, Path, list[str]]) -> tuple[Path, Path]:
     return trained[0], trained[1]
 
 
-def greedy_answers(folder: Path, prompts: list[str]) -> list[list[int]]:
-    """Greedy answer tokens, as the evaluate stage generates them."""
-    model, tokenizer = load_for_inference(folder)
-    config = SamplingConfig(max_new_tokens=ANSWER_TOKENS, batch_size=HELD_OUT)
-    return [a.response_ids for a in generate(model, tokenizer, prompts, config)]
-
-
-def token_agreement(ours: list[list[int]], reference: list[list[int]]) -> float:
-    """Share of the reference's answer tokens the quantised model matches, position by
-    position."""
-    same = sum(
-        sum(a == b for a, b in zip(x, y, strict=False))
-        for x, y in zip(ours, reference, strict=True)
-    )
-    return same / max(1, sum(len(y) for y in reference))
-
-
 @pytest.fixture(scope="module")
 def unquantised_answers(trained: tuple[Path, Path, list[str]]) -> list[list[int]]:
-    return greedy_answers(trained[0], trained[2])
+    return greedy_answer_ids(trained[0], trained[2], ANSWER_TOKENS, HELD_OUT)
 
 
 def quantise(student: tuple[Path, Path], output: Path, spec: QuantizeSpec) -> QuantizeResult:
@@ -169,7 +153,7 @@ def test_scheme_writes_a_compressed_tensors_checkpoint_that_answers_like_the_stu
     model, tokens = reload_and_generate(tmp_path / MODEL_DIR)
     assert len(tokens) >= 1
     assert model.lm_head.weight.dtype == torch.float32
-    answers = greedy_answers(tmp_path / MODEL_DIR, trained[2])
+    answers = greedy_answer_ids(tmp_path / MODEL_DIR, trained[2], ANSWER_TOKENS, HELD_OUT)
     agreement = token_agreement(answers, unquantised_answers)
     print(f"{scheme}: {agreement:.3f} of the unquantised student's held-out answer tokens")
     assert agreement >= MIN_AGREEMENT, agreement

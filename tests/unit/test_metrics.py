@@ -11,6 +11,7 @@ from distillation_runtime.metrics import (
     mean_score,
     retention,
     rouge_l,
+    token_agreement,
     token_f1,
 )
 
@@ -65,3 +66,13 @@ def test_task_checks() -> None:
     assert pattern_pass_rate(["95", " 12 ", "1a"], r"[0-9]+") == pytest.approx(2 / 3)
     assert json_pass_rate(['{"a": 1}', "[1, 2]", "{a: 1}", ""]) == 0.5
     assert pattern_pass_rate([], ".*") == 0.0
+
+
+def test_token_agreement_counts_positions_of_the_reference() -> None:
+    reference = [[5, 6, 7, 8], [1, 2]]
+    assert token_agreement(reference, reference) == 1.0
+    assert token_agreement([[5, 6, 0, 8], [1, 2]], reference) == pytest.approx(5 / 6)
+    assert token_agreement([[6, 7, 8, 9], [2, 1]], reference) == 0.0  # shifted by one: no match
+    assert token_agreement([[5, 6], [1, 2, 3]], reference) == pytest.approx(4 / 6)  # cut short
+    with pytest.raises(ValueError, match="1 answers to compare with 2 references"):
+        token_agreement([[5]], reference)

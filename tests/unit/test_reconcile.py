@@ -378,6 +378,36 @@ def test_a_running_stage_shows_its_own_progress_and_is_looked_at_every_30_s() ->
     assert quiet.status == actions.status
 
 
+def test_a_retry_does_not_show_the_failed_attempts_progress() -> None:
+    """The progress record is per stage and fingerprint: until the new attempt writes its own,
+    the file holds the failed attempt's last record, which must not be shown as the retry's."""
+    from distillation_runtime.progress import progress_uri
+
+    obj = body()  # policy.retries 1, backoff 60 s
+    first = step(obj, []).create[0]
+    uri = progress_uri(first["metadata"]["annotations"]["distillation.dev/artifact"])
+    running = job_status(first, jobDeploymentStatus="Running", jobStatus="RUNNING")
+    old = {"done": 990, "total": 1000, "unit": "records", "updated": "2026-11-28T12:00:30Z"}
+    step(obj, [running], progress={uri: old}, now=NOW + timedelta(seconds=40))
+    assert obj["status"]["stages"][1]["progress"]["done"] == 990
+    step(obj, [failed_job(first, "2026-11-28T12:00:45Z")], now=NOW + timedelta(seconds=50))
+    retry = step(obj, [], now=NOW + timedelta(seconds=120)).create[0]
+    created = {"creationTimestamp": "2026-11-28T12:02:00Z"}
+    retry = job_status(
+        retry | {"metadata": retry["metadata"] | created},
+        jobDeploymentStatus="Running",
+        jobStatus="RUNNING",
+    )
+    step(obj, [retry], progress={uri: old}, now=NOW + timedelta(seconds=130))
+    generate = obj["status"]["stages"][1]
+    assert generate["state"] == "Running"
+    assert "progress" not in generate or generate["progress"] is None
+    assert obj["status"].get("stageProgress") in (None, "")
+    new = old | {"done": 10, "updated": "2026-11-28T12:02:20Z"}
+    step(obj, [retry], progress={uri: new}, now=NOW + timedelta(seconds=145))
+    assert obj["status"]["stages"][1]["progress"]["done"] == 10
+
+
 def probe_progress(obj: dict[str, Any], jobs: list[dict[str, Any]]) -> list[str]:
     from distillation_operator.reconcile import progress_to_probe
 
