@@ -234,20 +234,24 @@ def train_on_records(
     steps: int,
     *,
     batch: int = 32,
-    logits: bool = False,
+    logits: bool | dict[str, Any] = False,
+    teacher: Path | None = None,
     seed: int = 0,
     learning_rate: str = "3e-3",
 ) -> Path:
     """Train the checkpoint in ``start`` for exactly ``steps`` optimizer steps (the train stage,
-    one process); ``logits`` adds offline logit distillation from the records' top-k. Returns
-    the trained model's folder (under ``work``)."""
+    one process); ``logits`` adds logit distillation: True for offline from the records' top-k
+    at temperature 2, or the ``train.losses.logits`` section itself (``teacher``: the teacher's
+    folder, for ``source: online``). Returns the trained model's folder (under ``work``)."""
     from distillation_runtime.records import write_parquet
     from distillation_runtime.spec import TrainSpec
     from distillation_runtime.stages.train import TrainJob, run
 
     losses: dict[str, Any] = {"response": "1.0"}
-    if logits:
+    if logits is True:
         losses["logits"] = {"weight": "1.0", "temperature": "2.0", "source": "offline"}
+    elif logits:
+        losses["logits"] = logits
     spec = TrainSpec.model_validate(
         {
             "losses": losses,
@@ -262,6 +266,7 @@ def train_on_records(
     write_parquet(records, work / "records.parquet")
     job = TrainJob(
         student=str(start),
+        teacher=str(teacher) if teacher is not None else None,
         data=str(work / "records.parquet"),
         output=str(work / "train"),
         train=spec,

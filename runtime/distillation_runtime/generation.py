@@ -1,7 +1,8 @@
 """Teacher answers with transformers: batched, left-padded, KV-cached, with top-k log-probs.
 
 The log-probs are the teacher's own distribution (log-softmax of the raw logits at temperature
-1, before any sampling processor), which is what offline logit distillation needs.
+1, before any sampling processor), which is what offline logit distillation needs: its top-k, or
+(``sampled_logprobs``) tokens drawn from it with their share of the draws (RS-KD).
 
 Stop strings end a response: its text excludes the stop string, its token ids keep the tokens
 that spelled it (so a student learns where to stop), and ``finish_reason`` says ``stop``.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from distillation_runtime.records import Record
 
@@ -25,6 +26,8 @@ class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     top_logprobs: int = 0
+    sampled_logprobs: bool = False
+    """``top_logprobs`` draws from the teacher's distribution per token instead of its top-k."""
     batch_size: int = 32
     samples: int = 1
     stop: tuple[str, ...] = field(default_factory=tuple)
@@ -56,6 +59,42 @@ def greedy_answer_ids(
     return [answer.response_ids for answer in generate(model, tokenizer, prompts, config)]
 
 
+class TokenWeights(NamedTuple):
+    """Per position: token ids [..., k] and the log of their weights [..., k]."""
+
+    indices: Any
+    values: Any
+
+
+def _top(logprobs: Any, k: int) -> TokenWeights:
+    """Each position's ``k`` most likely ids and their log-probs."""
+    top = logprobs.topk(k, dim=-1)
+    return TokenWeights(top.indices, top.values)
+
+
+def sampled_logprobs(logprobs: Any, draws: int, seed: int) -> TokenWeights:
+    """RS-KD's sparse teacher signal (Anshumann et al. 2025): ``draws`` tokens drawn with
+    replacement from each position's distribution ``logprobs`` [..., V]; the distinct ones,
+    most drawn first, with the log of their share of the draws. The shares sum to 1 and their
+    expectation is the teacher's distribution, so -sum(share * log p_student) is an unbiased
+    estimate of the cross-entropy (forward KL up to a constant); a top-k cut is not. Padded to
+    ``min(draws, V)`` columns with the first id at weight 0 (log -inf), which adds nothing to a
+    loss."""
+    import torch
+
+    flat = logprobs.reshape(-1, logprobs.shape[-1])
+    width = min(draws, flat.shape[-1])
+    generator = torch.Generator(device=flat.device).manual_seed(seed)
+    drawn = torch.multinomial(flat.exp(), draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(flat).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=flat.dtype))
+    best = counts.topk(width, dim=-1)
+    unused = best.values == 0
+    ids = torch.where(unused, best.indices[:, :1], best.indices)
+    weights = (best.values / draws).log()  # log 0 = -inf for the padding
+    shape = (*logprobs.shape[:-1], width)
+    return TokenWeights(ids.reshape(shape), weights.reshape(shape))
+
+
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -81,7 +120,7 @@ def generate(
         torch.manual_seed(config.seed)
     records: list[Record] = []
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left
-    for chunk in _batches(prompts, config.batch_size):
+    for number, chunk in enumerate(_batches(prompts, config.batch_size)):
         encoded = tokenizer(
             list(chunk), return_tensors="pt", padding=True, add_special_tokens=False
         ).to(model.device)
@@ -105,7 +144,11 @@ def generate(
         generated = out.sequences[:, width:]
         if config.top_logprobs > 0:
             logprobs = torch.stack(out.logits, dim=1).float().log_softmax(dim=-1)
-            top = logprobs.topk(config.top_logprobs, dim=-1)
+            top = (
+                sampled_logprobs(logprobs, config.top_logprobs, config.seed + number)
+                if config.sampled_logprobs
+                else _top(logprobs, config.top_logprobs)
+            )
         for row in range(generated.shape[0]):
             source = row // config.samples
             ids = generated[row].tolist()

@@ -25,6 +25,13 @@ the gradient's size does not shrink as ``T`` grows:
   0 and O(1 - beta) near 1: ``jsd / beta -> forward KL`` and ``jsd / (1 - beta) -> reverse KL``.)
   Our value is TRL's times ``T**2`` (TRL does not scale), with the same per-token mean.
 
+Offline, the teacher's stored tokens are its top-k (``sparsity: topK``, compared on those ids,
+see :func:`_offline_logprobs`) or draws from its distribution (``sampled``, RS-KD: the distinct
+ids with the log of their share ``w`` of the draws). For draws the loss is
+``sum(w * (log w - log p_student))`` with the student's softmax over the whole vocabulary, whose
+gradient ``p_student - w`` is in expectation forward KL's: unbiased, where a top-k cut is not.
+Only forward KL at T = 1 can be estimated this way.
+
 Training uses :func:`chunked_logit_losses`, which never holds the ``[N, V]`` logits: it computes
 them ``chunk_size`` positions at a time from the student's last hidden states and its output
 layer, and computes each chunk's gradient right away (see :class:`_ChunkedLogitLoss`). A stage
@@ -57,6 +64,7 @@ from distillation_runtime.spec import (
     LogitLossSpec,
     LossesSpec,
     MissingMass,
+    Sparsity,
 )
 
 __all__ = [
@@ -68,6 +76,7 @@ __all__ = [
     "MissingMassName",
     "OfflineTeacher",
     "OnlineTeacher",
+    "SparsityName",
     "VocabularyMismatchError",
     "check_same_tokenizer",
     "chunked_logit_losses",
@@ -82,6 +91,7 @@ __all__ = [
 
 DivergenceName = Literal["forwardKL", "reverseKL", "jsd"]
 MissingMassName = Literal["ignore", "uniform"]
+SparsityName = Literal["topK", "sampled"]
 DistanceName = Literal["mse", "cosine"]
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -171,8 +181,12 @@ def _offline_logprobs(
     topk_logprobs: Tensor,
     temperature: float,
     missing_mass: MissingMass,
+    sparsity: Sparsity = Sparsity.TOP_K,
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities from the teacher's stored top-k.
+
+    ``sparsity: sampled``: the stored ids are draws with the log of their share; the student's
+    log-probabilities over the whole vocabulary, at those ids, against the shares (T = 1).
 
     ``ignore``: both distributions live on the K stored ids: the teacher is
     ``log_softmax(topk_logprobs / T)`` (its top-k, renormalised) and the student is
@@ -191,6 +205,9 @@ def _offline_logprobs(
     """
     stored = _wide(topk_logprobs.detach())
     topk_ids = topk_ids.long()
+    if sparsity is Sparsity.SAMPLED:
+        student = F.log_softmax(_wide(student_logits) / temperature, dim=-1).gather(-1, topk_ids)
+        return student, stored.to(student.dtype)
     if missing_mass is MissingMass.IGNORE:
         student = F.log_softmax(_wide(student_logits).gather(-1, topk_ids) / temperature, dim=-1)
         return student, F.log_softmax(stored / temperature, dim=-1).to(student.dtype)
@@ -229,6 +246,7 @@ def _kd_tokens(
     beta: float,
     temperature: float,
     missing_mass: MissingMass,
+    sparsity: Sparsity = Sparsity.TOP_K,
 ) -> Tensor:
     """T**2 times the divergence per row [n], online (teacher logits) or offline (top-k)."""
     if teacher_logits is not None:
@@ -236,9 +254,28 @@ def _kd_tokens(
     else:
         assert topk is not None
         student, teacher = _offline_logprobs(
-            student_logits, topk[0], topk[1], temperature, missing_mass
+            student_logits, topk[0], topk[1], temperature, missing_mass, sparsity
         )
     return temperature**2 * _token_divergence(student, teacher, divergence, beta)
+
+
+def _check_sampled(
+    sparsity: Sparsity,
+    divergence: Divergence,
+    beta: float,
+    temperature: float,
+    missing_mass: MissingMass,
+) -> None:
+    """Drawn tokens estimate forward KL at T = 1 and nothing else."""
+    if sparsity is not Sparsity.SAMPLED:
+        return
+    forward = divergence is Divergence.FORWARD_KL or (divergence is Divergence.JSD and beta == 0)
+    if not forward or temperature != 1.0 or missing_mass is not MissingMass.IGNORE:
+        raise ValueError(
+            f"sparsity sampled with divergence {divergence.value}, temperature {temperature}, "
+            f"missing_mass {missing_mass.value}: drawn tokens estimate forward KL at "
+            "temperature 1 only, with missing_mass ignore"
+        )
 
 
 def _check_topk_ids(topk_ids: Tensor, vocab: int) -> None:
@@ -314,8 +351,10 @@ def offline_kd(
     beta: float = 0.5,
     temperature: float = 1.0,
     missing_mass: MissingMass | MissingMassName = "ignore",
+    sparsity: Sparsity | SparsityName = "topK",
 ) -> Tensor:
-    """Logit distillation from the teacher's stored top-k log-probs.
+    """Logit distillation from the teacher's stored top-k log-probs (or, ``sparsity:
+    sampled``, its drawn tokens with the log of their share: forward KL at T = 1 only).
 
     student_logits [N, V], topk_ids [N, K] (int, distinct per row, < V), topk_logprobs [N, K]
     (the teacher's log-probs of those ids at T = 1), mask [N] -> scalar: ``T**2 * divergence``
@@ -324,6 +363,9 @@ def offline_kd(
     """
     _check_rows(mask, student_logits=student_logits, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
     _check_options(temperature, beta)
+    divergence = _choice(Divergence, divergence, "divergence")
+    sparsity = _choice(Sparsity, sparsity, "sparsity")
+    _check_sampled(sparsity, divergence, beta, temperature, MissingMass(missing_mass))
     if topk_ids.shape != topk_logprobs.shape:
         raise ValueError(
             f"topk_ids {list(topk_ids.shape)} and topk_logprobs {list(topk_logprobs.shape)} "
@@ -338,10 +380,11 @@ def offline_kd(
         student_logits,
         teacher_logits=None,
         topk=(ids, logprobs),
-        divergence=_choice(Divergence, divergence, "divergence"),
+        divergence=divergence,
         beta=beta,
         temperature=temperature,
         missing_mass=_choice(MissingMass, missing_mass, "missing_mass"),
+        sparsity=sparsity,
     )
     return _masked_mean(per_token, mask)
 
@@ -544,6 +587,7 @@ class LogitLossOptions:
     beta: float = 0.5
     temperature: float = 1.0
     missing_mass: MissingMass = MissingMass.IGNORE
+    sparsity: Sparsity = Sparsity.TOP_K
     chunk_size: int = 1024
     compare_vocab: int | None = None
 
@@ -566,6 +610,10 @@ class LogitLossOptions:
         object.__setattr__(
             self, "missing_mass", _choice(MissingMass, self.missing_mass, "missing_mass")
         )
+        object.__setattr__(self, "sparsity", _choice(Sparsity, self.sparsity, "sparsity"))
+        _check_sampled(
+            self.sparsity, self.divergence, self.beta, self.temperature, self.missing_mass
+        )
 
     @classmethod
     def from_spec(cls, losses: LossesSpec, compare_vocab: int | None = None) -> LogitLossOptions:
@@ -578,6 +626,7 @@ class LogitLossOptions:
             beta=logits.jsd_beta,
             temperature=float(logits.temperature),
             missing_mass=logits.missing_mass,
+            sparsity=logits.sparsity,
             chunk_size=logits.chunk_size,
             compare_vocab=compare_vocab,
         )
@@ -707,6 +756,17 @@ def _chunk(
     kd_grad = grad[:, :vc] if grad is not None and kd_coef != 0.0 else None
     if teacher is None:
         return response, torch.zeros_like(response), grad
+    if isinstance(teacher, OfflineTeacher) and opts.sparsity is Sparsity.SAMPLED:
+        ids = teacher.topk_ids.index_select(0, idx).long()
+        shares = _wide(teacher.topk_logprobs.index_select(0, idx)).to(work.dtype)
+        log_p_compared = log_p[:, :vc]
+        if vc < vocab:  # the softmax over the compared ids only
+            log_p_compared = log_p_compared - log_p_compared.logsumexp(dim=1, keepdim=True)
+        rows = _kl(shares, log_p_compared.gather(1, ids))
+        if kd_grad is not None:  # d/d logits of -sum(w log p) = p - w (the shares sum to 1)
+            kd_grad.add_(torch.exp(log_p_compared, out=scratch[:, :vc]), alpha=kd_coef)
+            kd_grad.scatter_add_(1, ids, shares.exp().mul_(-kd_coef))
+        return response, rows.sum(), grad
     if isinstance(teacher, OfflineTeacher) and opts.missing_mass is MissingMass.IGNORE:
         ids = teacher.topk_ids.index_select(0, idx).long()
         stored = teacher.topk_logprobs.index_select(0, idx)
@@ -972,6 +1032,7 @@ def full_logit_losses(
             beta=options.beta,
             temperature=options.temperature,
             missing_mass=options.missing_mass,
+            sparsity=options.sparsity,
         )
     else:
         kd = torch.zeros_like(response)

@@ -406,7 +406,9 @@ class GenerateSpec(SpecModel):
         ge=0,
         le=100,
         description="Store the teacher's top-k log-probabilities of every generated token, for "
-        "offline logit distillation. 0 stores none.",
+        "offline logit distillation. 0 stores none. With train.losses.logits.sparsity: "
+        "sampled, the number of tokens drawn from the teacher's distribution per generated "
+        "token instead (the distinct ones are stored with their share of the draws).",
     )
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list,
@@ -453,6 +455,13 @@ class MissingMass(StrEnum):
     UNIFORM = "uniform"
 
 
+class Sparsity(StrEnum):
+    """Which of the teacher's tokens offline logit distillation keeps per response token."""
+
+    TOP_K = "topK"
+    SAMPLED = "sampled"
+
+
 class LogitLossSpec(SpecModel):
     """Logit distillation: match the teacher's next-token distribution."""
 
@@ -468,6 +477,36 @@ class LogitLossSpec(SpecModel):
                     "!has(self.beta) || self.divergence == 'jsd'",
                     "beta applies only to divergence: jsd",
                     ".beta",
+                ),
+                cel(
+                    "self.sparsity != 'sampled' || self.source == 'offline'",
+                    "sparsity: sampled applies only to source: offline (the draws the generate "
+                    "stage stores)",
+                    ".sparsity",
+                ),
+                cel(
+                    "self.sparsity != 'sampled' || self.divergence == 'forwardKL'",
+                    "sparsity: sampled estimates forward KL only (reverse KL and jsd need the "
+                    "teacher's probability of every token the student gives mass to)",
+                    ".divergence",
+                ),
+                cel(
+                    "self.sparsity != 'sampled' || double(self.temperature) == 1.0",
+                    'sparsity: sampled needs temperature "1.0" (the draws are from the '
+                    "teacher's distribution at temperature 1)",
+                    ".temperature",
+                ),
+                cel(
+                    "self.sparsity != 'sampled' || !has(self.topK)",
+                    "topK cannot cut sampled draws (the first k of them are not a fair sample); "
+                    "set generate.topLogprobs to the number of draws instead",
+                    ".topK",
+                ),
+                cel(
+                    "self.sparsity != 'sampled' || self.missingMass == 'ignore'",
+                    "missingMass applies to topK only: sampled draws already describe the "
+                    "whole distribution",
+                    ".missingMass",
                 ),
             ]
         }
@@ -508,6 +547,16 @@ class LogitLossSpec(SpecModel):
         description="Offline only: ignore the probability outside the top-k (renormalise), or "
         "spread it uniformly over the rest of the vocabulary.",
     )
+    sparsity: Sparsity = Field(
+        default=Sparsity.TOP_K,
+        description="Offline only: which of the teacher's tokens the generate stage keeps per "
+        "response token, generate.topLogprobs of them. topK: its most likely tokens (the tail "
+        "is lost, so the estimate is biased). sampled: draws from its distribution (RS-KD, "
+        "Anshumann et al. 2025), the distinct tokens kept with their share of the draws: an "
+        "unbiased estimate of forward KL against the student's full distribution. sampled "
+        'needs divergence forwardKL, temperature "1.0", no topK, and generate.backend '
+        "transformers or auto (vLLM returns only the most likely tokens).",
+    )
     chunk_size: int = Field(
         default=512,
         ge=16,
@@ -515,6 +564,44 @@ class LogitLossSpec(SpecModel):
         description="Tokens per chunk when computing logits and the loss, so the full "
         "[batch, sequence, vocabulary] tensor is never held in memory.",
     )
+
+    @model_validator(mode="after")
+    def _sampled_estimates_forward_kl(self) -> Self:
+        if self.sparsity is not Sparsity.SAMPLED:
+            return self
+        wrong = [
+            (
+                self.source is not LogitSource.OFFLINE,
+                f"source is {self.source.value}",
+                "source: offline (the draws the generate stage stores)",
+            ),
+            (
+                self.divergence is not Divergence.FORWARD_KL,
+                f"divergence is {self.divergence.value}",
+                "divergence forwardKL only (reverse KL and jsd need the teacher's probability "
+                "of every token the student gives mass to)",
+            ),
+            (
+                self.temperature.decimal != 1,
+                f"temperature is {self.temperature}",
+                'temperature "1.0" (the draws are from the teacher at temperature 1)',
+            ),
+            (
+                self.top_k is not None,
+                f"topK is {self.top_k}",
+                "no topK (the first k draws are not a fair sample; set generate.topLogprobs "
+                "to the number of draws)",
+            ),
+            (
+                self.missing_mass is not MissingMass.IGNORE,
+                f"missingMass is {self.missing_mass.value}",
+                "missingMass ignore (sampled draws already describe the whole distribution)",
+            ),
+        ]
+        for bad, found, allowed in wrong:
+            if bad:
+                raise ValueError(f"sparsity is sampled but {found}: sampled needs {allowed}")
+        return self
 
     @model_validator(mode="after")
     def _options_match_mode(self) -> Self:
@@ -1009,6 +1096,14 @@ PIPELINE_RULES: list[JsonValue] = [
         "train.losses.logits.topK cannot exceed generate.topLogprobs (the log-probs stored)",
         ".train.losses.logits.topK",
     ),
+    cel(
+        "!has(self.train.losses.logits) || self.train.losses.logits.sparsity != 'sampled' || "
+        "self.generate.backend != 'vllm'",
+        "train.losses.logits.sparsity: sampled needs generate.backend transformers or auto "
+        "(vLLM returns only the most likely tokens' log-probs, not the distribution to draw "
+        "from)",
+        ".generate.backend",
+    ),
 ]
 
 
@@ -1049,7 +1144,23 @@ class PipelineSpec(SpecModel):
                 f"train.losses.logits.topK is {logits.top_k} but generate.topLogprobs is "
                 f"{stored}: topK cannot exceed the log-probs stored"
             )
+        if logits.sparsity is Sparsity.SAMPLED and self.generate.backend is GenerateBackend.VLLM:
+            raise ValueError(
+                "train.losses.logits.sparsity is sampled but generate.backend is vllm: vLLM "
+                "returns only the most likely tokens' log-probs, not the distribution to draw "
+                "from; use generate.backend transformers or auto"
+            )
         return self
+
+    @property
+    def sampled_teacher_signal(self) -> bool:
+        """The generate stage draws the teacher's tokens (RS-KD) instead of keeping its top-k."""
+        logits = self.train.losses.logits
+        return (
+            logits is not None
+            and logits.source is LogitSource.OFFLINE
+            and logits.sparsity is Sparsity.SAMPLED
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ def test_auto_backend_needs_vllm_and_a_gpu() -> None:
     )
     with pytest.raises(RuntimeError, match="backend: transformers or auto"):
         choose_backend(GenerateBackend.VLLM, vllm_importable=False, gpus=0)
+    # sampled teacher tokens need the whole distribution, which vLLM does not return
+    assert choose_backend(GenerateBackend.AUTO, True, 1, sampled_logprobs=True) == "transformers"
+    with pytest.raises(RuntimeError, match="sparsity is sampled"):
+        choose_backend(GenerateBackend.VLLM, True, 1, sampled_logprobs=True)
 
 
 def test_vllm_request_uses_vllm_names() -> None:
@@ -112,3 +116,45 @@ def test_ray_data_actors_answer_like_a_direct_call(tmp_path: Path) -> None:
     assert [r.response_ids for r in train] == [r.response_ids for r in direct]
     assert [r.topk_ids for r in train] == [r.topk_ids for r in direct]
     assert 0 < result.bytes_per_token < 200
+
+
+def test_sampled_teacher_tokens_are_draws_from_its_distribution(tmp_path: Path) -> None:
+    """With sampled log-probs each response token stores the distinct tokens drawn from the
+    teacher's distribution with their share of the draws (summing to 1, most drawn first,
+    padding at weight 0), and over many positions the shares match the teacher's own
+    probabilities; the records survive the Parquet round trip of the stage."""
+    import math
+
+    import torch
+
+    tokenizer = make_tokenizer()
+    teacher = make_model(tokenizer, ModelSize(), seed=8)
+    folder = save_pretrained(teacher, tokenizer, tmp_path / "teacher")
+    items = [PromptItem(e.prompt, "train") for e in sample_examples("addition", 16, seed=5)]
+    draws, vocab = 64, len(tokenizer)  # more draws than ids: at most every id is stored
+    spec = GenerateSpec.model_validate({"maxNewTokens": 6, "topLogprobs": draws, "batchSize": 8})
+    result = run(str(folder), items, spec, tmp_path / "out", sampled_logprobs=True)
+    records = read_parquet(result.train)
+    direct = generate(
+        teacher, tokenizer, [r.prompt for r in records], SamplingConfig(6, top_logprobs=vocab)
+    )
+    assert [r.response_ids for r in records] == [r.response_ids for r in direct]  # same answers
+    gaps = []
+    for record, exact in zip(records, direct, strict=True):
+        assert record.topk_ids is not None
+        assert record.topk_logprobs is not None
+        assert exact.topk_ids is not None
+        assert exact.topk_logprobs is not None
+        for ids, shares, top_ids, top_values in zip(
+            record.topk_ids, record.topk_logprobs, exact.topk_ids, exact.topk_logprobs, strict=True
+        ):
+            weights = [math.exp(v) for v in shares]
+            assert sum(weights) == pytest.approx(1.0, abs=1e-3)  # float16 storage
+            assert weights == sorted(weights, reverse=True)
+            assert all(w * draws == pytest.approx(round(w * draws), abs=0.05) for w in weights)
+            drawn = {i: w for i, w in zip(ids, weights, strict=True) if w > 0}
+            probability = dict(zip(top_ids, (math.exp(v) for v in top_values), strict=True))
+            gaps.append(drawn.get(top_ids[0], 0.0) - probability[top_ids[0]])
+    # the teacher's most likely token: its share of the draws is its probability on average
+    assert abs(sum(gaps) / len(gaps)) < 0.02
+    assert float(torch.tensor(gaps).std()) < 0.12  # 64 draws: a share's spread is about 0.06

@@ -269,3 +269,50 @@ def test_a_teacher_with_another_tokenizer_is_refused_for_logit_losses(
     online = job(workdir, "mismatch", losses={"response": "1.0", "logits": {"source": "online"}})
     with pytest.raises(VocabularyMismatchError, match="response distillation"):
         run(online.model_copy(update={"teacher": str(tmp_path / "other-teacher")}))
+
+
+def teacher_kl(student_dir: Path, teacher_dir: Path, records: list[Any]) -> float:
+    """Forward KL(teacher || student) over the full vocabulary, mean over response tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillation_runtime.losses import kd_divergence
+
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    values = []
+    with torch.no_grad():
+        for record in records:
+            ids = torch.tensor([record.prompt_ids + record.response_ids])
+            answer = slice(len(record.prompt_ids) - 1, ids.shape[1] - 1)  # predicts the answer
+            s, t = student(ids).logits[0, answer], teacher(ids).logits[0, answer]
+            mask = torch.ones(s.shape[0], dtype=torch.bool)
+            values.append(float(kd_divergence(s, t, mask, divergence="forwardKL")))
+    return sum(values) / len(values)
+
+
+def test_sampled_teacher_tokens_alone_teach_the_teachers_distribution(workdir: Path) -> None:
+    """RS-KD end to end: records with 16 draws per token (no top-k), the logit loss alone
+    (response weight 0): the student's forward KL to the teacher's full distribution falls."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    teacher = AutoModelForCausalLM.from_pretrained(workdir / "teacher")
+    with torch.no_grad():  # sharper than a random model: far from the student's near-uniform
+        teacher.lm_head.weight.mul_(12.0)
+    sharp = save_pretrained(teacher, tokenizer, workdir / "sharp-teacher")
+    prompts = [e.prompt for e in sample_examples("addition", 64, seed=0)]
+    config = SamplingConfig(max_new_tokens=6, top_logprobs=16, sampled_logprobs=True)
+    records = generate(teacher, tokenizer, prompts, config)
+    write_parquet(records, workdir / "sampled.parquet")
+    losses = {"response": "0", "logits": {"sparsity": "sampled", "temperature": "1.0"}}
+    sampled = job(workdir, "sampled", losses=losses).model_copy(
+        update={"data": str(workdir / "sampled.parquet")}
+    )
+    model_dir = run(sampled)
+    assert {"logits", "loss"} <= set(metrics(workdir / "sampled")[0])
+    before = teacher_kl(workdir / "student", sharp, records[:16])
+    after = teacher_kl(model_dir, sharp, records[:16])
+    print(f"forward KL to the teacher: {before:.3f} before, {after:.3f} after")
+    assert after < 0.8 * before, (before, after)  # seen: 1.431 -> 0.939

@@ -12,6 +12,7 @@ import torch.nn.functional as F  # noqa: N812
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distillation_runtime.generation import sampled_logprobs
 from distillation_runtime.losses import (
     MISSING_MASS_FLOOR,
     FeatureProjector,
@@ -249,6 +250,38 @@ def test_offline_uniform_keeps_a_little_mass_outside_a_top_k_that_sums_to_one():
     assert torch.allclose(chunked["logits"], plain)
 
 
+def test_sampled_draws_give_forward_kls_gradient_on_average_where_a_top_k_cut_is_biased():
+    """RS-KD's point: the gradient of the sampled loss w.r.t. the student's logits, averaged over
+    independent draws, is forward KL's (p_student - p_teacher); a top-2 cut's is not."""
+    vocab, draws, trials = 6, 4, 4000
+    teacher = rand(1, vocab, seed=1, scale=1.5).log_softmax(-1)
+    student = rand(1, vocab, seed=2).requires_grad_()
+    mask = torch.ones(1, dtype=torch.bool)
+    exact = torch.autograd.grad(
+        kd_divergence(student, teacher, mask, divergence="forwardKL"), student
+    )[0]
+    stacked = teacher.expand(trials, vocab)
+    ids, shares = sampled_logprobs(stacked, draws, seed=0)
+    assert torch.allclose(shares.exp().sum(-1), torch.ones(trials, dtype=F64))
+    many = student.expand(trials, vocab)
+    sampled = offline_kd(
+        many,
+        ids,
+        shares,
+        torch.ones(trials, dtype=torch.bool),
+        divergence="forwardKL",
+        sparsity="sampled",
+    )
+    mean_grad = torch.autograd.grad(sampled * trials, student)[0] / trials
+    assert torch.allclose(mean_grad, exact, atol=0.01), (mean_grad, exact)
+    top_ids, top_values = topk_of(teacher, 2)
+    cut = offline_kd(student, top_ids, top_values, mask, divergence="forwardKL")
+    top_grad = torch.autograd.grad(cut, student)[0]
+    assert (top_grad - exact).abs().max() > 0.05  # the cut is biased, by far more than 0.01
+    with pytest.raises(ValueError, match="drawn tokens estimate forward KL at temperature 1"):
+        offline_kd(student, ids[:1], shares[:1], mask, divergence="reverseKL", sparsity="sampled")
+
+
 def test_offline_rejects_ids_outside_the_compared_vocabulary():
     s = rand(2, 5)
     ids, logprobs = torch.tensor([[0, 7], [1, 2]]), torch.full((2, 2), -1.0, dtype=F64)
@@ -401,7 +434,7 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
     vocab = draw(st.integers(2, 9))
     student_rows = vocab + draw(st.integers(0, 2))  # padded output layers
     teacher_rows = vocab + draw(st.integers(0, 2))
-    kind = draw(st.sampled_from(["online", "offline", "none"]))
+    kind = draw(st.sampled_from(["online", "offline", "sampled", "none"]))
     seed = draw(st.integers(0, 2**16))
     mask = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
     targets = torch.randint(0, student_rows, (n,), generator=torch.Generator().manual_seed(seed))
@@ -417,6 +450,12 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
         ids, values = topk_of(logprobs, k)
         ids[~mask], values[~mask] = -1, -math.inf
         teacher = OfflineTeacher(ids, values, vocab_size=teacher_rows)
+    elif kind == "sampled":
+        logprobs = rand(n, compared, seed=seed + 3, scale=2.0).log_softmax(-1)
+        ids, values = sampled_logprobs(logprobs, draw(st.integers(1, 12)), seed)
+        ids[~mask], values[~mask] = -1, -math.inf
+        teacher = OfflineTeacher(ids, values, vocab_size=teacher_rows)
+    sampled = {"divergence": "forwardKL", "temperature": 1.0, "missing_mass": "ignore"}
     return {
         "hidden": rand(n, hidden, seed=seed + 4, scale=1.5).requires_grad_(),
         "head": rand(student_rows, hidden, seed=seed + 5).requires_grad_(),
@@ -431,7 +470,8 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
             "beta": draw(st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0])),
             "temperature": draw(st.sampled_from([0.5, 1.0, 2.0, 3.7])),
             "missing_mass": draw(st.sampled_from(["ignore", "uniform"])),
-        },
+        }
+        | (sampled | {"sparsity": "sampled"} if kind == "sampled" else {}),
         "chunk_size": draw(st.integers(1, 6)),
     }
 

@@ -71,6 +71,14 @@ def test_prune_and_quantize_add_their_stages() -> None:
             {"train": {"losses": {"logits": {"source": "online", "topK": None}}}},
             ["train", "evaluate"],
         ),
+        (  # the generate stage stores draws instead of the top-k: it runs again
+            {"train": {"losses": {"logits": {"sparsity": "sampled", "temperature": "1.0"}}}},
+            ["generate", "train", "evaluate"],
+        ),
+        (  # sparsity written out at its default changes nothing
+            {"train": {"losses": {"logits": {"sparsity": "topK"}}}},
+            [],
+        ),
     ],
 )
 def test_an_edit_reruns_exactly_what_it_can_change(edit: dict[str, Any], rerun: list[str]) -> None:

@@ -160,20 +160,28 @@ def test_existing_cluster_kueue_deadline_and_quantize_image() -> None:
     assert head["containers"][0]["image"] == "reg/quantize:1"
 
 
+SAMPLED = {"losses": {"logits": {"sparsity": "sampled", "temperature": "1.0"}}}
+
+
 @pytest.mark.parametrize(
-    ("backend", "gpus", "image"),
+    ("backend", "gpus", "train", "image"),
     [
-        ("auto", 1, "reg/runtime-vllm:1"),
-        ("vllm", 2, "reg/runtime-vllm:1"),
-        ("auto", 0, "reg/runtime:1"),  # no GPU: auto means transformers, no vLLM needed
-        ("transformers", 1, "reg/runtime:1"),
+        ("auto", 1, {}, "reg/runtime-vllm:1"),
+        ("vllm", 2, {}, "reg/runtime-vllm:1"),
+        ("auto", 0, {}, "reg/runtime:1"),  # no GPU: auto means transformers, no vLLM needed
+        ("transformers", 1, {}, "reg/runtime:1"),
+        ("auto", 1, SAMPLED, "reg/runtime:1"),  # draws need the distribution: transformers
     ],
 )
 def test_generate_on_gpus_runs_the_runtime_image_with_vllm(
-    backend: str, gpus: int, image: str
+    backend: str, gpus: int, train: dict[str, Any], image: str
 ) -> None:
     images = Images("reg/runtime:1", "reg/quantize:1", "reg/vllm:1", "reg/runtime-vllm:1")
-    obj = body(generate={"backend": backend}, placement={"workers": {"gpus": gpus}})
+    obj = body(
+        generate={"backend": backend, "topLogprobs": 8},
+        train=train,
+        placement={"workers": {"gpus": gpus}},
+    )
     spec = DistillationSpec.model_validate(obj["spec"])
     plan = make_plan(spec.pipeline())
     images_of = {

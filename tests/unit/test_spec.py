@@ -252,6 +252,7 @@ FULL = textwrap.dedent(
           source: offline
           topK: 10
           missingMass: uniform
+          sparsity: topK
           chunkSize: 512
         features:
           weight: '0.1'

@@ -77,11 +77,16 @@ def _prune_config(spec: PipelineSpec) -> dict[str, Any]:
 
 
 def _generate_config(spec: PipelineSpec) -> dict[str, Any]:
-    return {
+    """The teacher, the prompts and how they are answered; ``sampledLogprobs`` only when the
+    teacher's tokens are drawn (RS-KD), so pipelines from before it keep their fingerprint."""
+    config = {
         "teacher": _data(spec.teacher),
         "dataset": _data(spec.dataset),
         "generate": _data(spec.generate),
     }
+    if spec.sampled_teacher_signal:
+        config["sampledLogprobs"] = True
+    return config
 
 
 def needs_live_teacher(spec: PipelineSpec) -> bool:
@@ -92,11 +97,15 @@ def needs_live_teacher(spec: PipelineSpec) -> bool:
 
 
 def _train_config(spec: PipelineSpec) -> dict[str, Any]:
-    """The student and the training settings. ``strategy: auto`` (the default) is left out, so
-    a pipeline trained before the field existed keeps its fingerprint."""
+    """The student and the training settings. ``strategy: auto`` and ``sparsity: topK`` (the
+    defaults) are left out, so a pipeline trained before those fields existed keeps its
+    fingerprint."""
     train = _data(spec.train)
     if train.get("strategy") == "auto":
         del train["strategy"]
+    logits = (train.get("losses") or {}).get("logits") or {}
+    if logits.get("sparsity") == "topK":
+        del logits["sparsity"]
     return {
         "student": {
             "model": spec.student.model,
@@ -194,7 +203,10 @@ STAGES: list[StageDefinition] = [
         condition="TeacherDataGenerated",
         fingerprint=_generate_config,
         placement_doc="Teacher generation workers.",
-        uses_vllm=lambda spec: spec.generate.backend is not GenerateBackend.TRANSFORMERS,
+        uses_vllm=lambda spec: (
+            spec.generate.backend is not GenerateBackend.TRANSFORMERS
+            and not spec.sampled_teacher_signal
+        ),
         results=("records", "tokensPerSecond"),
     ),
     StageDefinition(

@@ -43,10 +43,20 @@ class PromptItem:
     reference: str | None = None
 
 
-def choose_backend(requested: GenerateBackend, vllm_importable: bool, gpus: int) -> str:
-    """auto picks vLLM only where it can run: importable and at least one GPU."""
+def choose_backend(
+    requested: GenerateBackend, vllm_importable: bool, gpus: int, sampled_logprobs: bool = False
+) -> str:
+    """auto picks vLLM only where it can run: importable and at least one GPU, and not for
+    sampled log-probs (vLLM returns only the most likely tokens, not the distribution to draw
+    from)."""
     if requested is GenerateBackend.AUTO:
-        return "vllm" if vllm_importable and gpus > 0 else "transformers"
+        runs_vllm = vllm_importable and gpus > 0 and not sampled_logprobs
+        return "vllm" if runs_vllm else "transformers"
+    if requested is GenerateBackend.VLLM and sampled_logprobs:
+        raise RuntimeError(
+            "generate.backend is vllm but train.losses.logits.sparsity is sampled: vLLM returns "
+            "only the most likely tokens' log-probs; use backend: transformers or auto"
+        )
     if requested is GenerateBackend.VLLM and not (vllm_importable and gpus > 0):
         raise RuntimeError(
             "generate.backend is vllm but vLLM needs the vllm package and a GPU "
@@ -103,7 +113,7 @@ def records_from_vllm(outputs: Sequence[Any], top_k: int) -> list[Record]:
 class TransformersGenerator:
     """A Ray Data actor: loads the teacher once, answers batches of prompts."""
 
-    def __init__(self, teacher: str, spec: dict[str, Any]) -> None:
+    def __init__(self, teacher: str, spec: dict[str, Any], sampled_logprobs: bool = False) -> None:
         from distillation_runtime.generation import SamplingConfig, load_for_inference
 
         self.model, self.tokenizer = load_for_inference(teacher)
@@ -113,6 +123,7 @@ class TransformersGenerator:
             temperature=float(generate.temperature),
             top_p=float(generate.top_p),
             top_logprobs=generate.top_logprobs,
+            sampled_logprobs=sampled_logprobs,
             batch_size=generate.batch_size,
             samples=generate.samples_per_prompt,
             stop=tuple(generate.stop),
@@ -173,9 +184,11 @@ def run(
     actors: int = 1,
     tensor_parallel_size: int = 1,
     progress: str | None = None,
+    sampled_logprobs: bool = False,
 ) -> GenerateResult:
     """Answer every prompt; write ``train.parquet`` and ``eval.parquet`` under ``output``
-    (and, when ``progress`` is a URI, how many records are done there while it runs)."""
+    (and, when ``progress`` is a URI, how many records are done there while it runs).
+    ``sampled_logprobs``: ``spec.top_logprobs`` draws per token instead of the top-k (RS-KD)."""
     import importlib.util
 
     import torch
@@ -183,10 +196,12 @@ def run(
     from distillation_runtime.records import write_parquet
 
     vllm_importable, gpus = importlib.util.find_spec("vllm") is not None, torch.cuda.device_count()
-    backend = choose_backend(spec.backend, vllm_importable, gpus)
+    backend = choose_backend(spec.backend, vllm_importable, gpus, sampled_logprobs)
+    signal = "sampled" if sampled_logprobs else "top"
     print(
         f"generate: backend {backend} (asked {spec.backend.value}; vllm importable: "
-        f"{vllm_importable}, GPUs here: {gpus})",
+        f"{vllm_importable}, GPUs here: {gpus}); teacher log-probs: {signal} "
+        f"{spec.top_logprobs} per token",
         file=sys.stderr,
     )
     started = time.perf_counter()
@@ -197,9 +212,9 @@ def run(
     if backend == "vllm":
         rows = _generate_vllm(teacher, prompts, spec, tensor_parallel_size)
     elif actors == 1:
-        rows = _generate_here(teacher, prompts, spec, reported)
+        rows = _generate_here(teacher, prompts, spec, reported, sampled_logprobs)
     else:
-        rows = _generate_ray_data(teacher, prompts, spec, actors, reported)
+        rows = _generate_ray_data(teacher, prompts, spec, actors, reported, sampled_logprobs)
     reported.update(len(rows))
     seconds = time.perf_counter() - started
     by_split: dict[str, list[Record]] = {"train": [], "eval": []}
@@ -222,11 +237,17 @@ def run(
 
 
 def _generate_here(
-    teacher: str, prompts: Sequence[PromptItem], spec: GenerateSpec, reported: ProgressWriter
+    teacher: str,
+    prompts: Sequence[PromptItem],
+    spec: GenerateSpec,
+    reported: ProgressWriter,
+    sampled_logprobs: bool,
 ) -> list[tuple[str, Record]]:
     """One generator in this process, with every core (or this process's GPU): no Ray actor
     holding one CPU, and no actor to wait for inside a Ray task that already holds its node."""
-    generator = TransformersGenerator(teacher, spec.model_dump(mode="json", by_alias=True))
+    generator = TransformersGenerator(
+        teacher, spec.model_dump(mode="json", by_alias=True), sampled_logprobs
+    )
     rows: list[tuple[str, Record]] = []
     for start in range(0, len(prompts), spec.batch_size):
         chunk = prompts[start : start + spec.batch_size]
@@ -250,6 +271,7 @@ def _generate_ray_data(
     spec: GenerateSpec,
     actors: int,
     reported: ProgressWriter | None = None,
+    sampled_logprobs: bool = False,
 ) -> list[tuple[str, Record]]:
     import ray
 
@@ -261,6 +283,7 @@ def _generate_ray_data(
         fn_constructor_kwargs={
             "teacher": teacher,
             "spec": spec.model_dump(mode="json", by_alias=True),
+            "sampled_logprobs": sampled_logprobs,
         },
         batch_size=spec.batch_size,
         concurrency=actors,
@@ -336,6 +359,7 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         folder,
         tensor_parallel_size=spec.teacher.tensor_parallel_size,
         progress=progress_uri(context.artifact(context.current)),
+        sampled_logprobs=spec.sampled_teacher_signal,
     )
     metrics = {
         "prompts": len(items),
@@ -347,5 +371,6 @@ def execute(context: StageContext, folder: Path) -> StageResult:
         "tokensPerSecond": round(result.response_tokens / max(result.seconds, 1e-9), 2),
         "bytesPerToken": round(result.bytes_per_token, 2),
         "backend": result.backend,
+        "teacherLogprobs": "sampled" if spec.sampled_teacher_signal else "topK",
     }
     return StageResult(metrics)
