@@ -271,24 +271,13 @@ def test_a_teacher_with_another_tokenizer_is_refused_for_logit_losses(
         run(online.model_copy(update={"teacher": str(tmp_path / "other-teacher")}))
 
 
-def teacher_kl(student_dir: Path, teacher_dir: Path, records: list[Any]) -> float:
-    """Forward KL(teacher || student) over the full vocabulary, mean over response tokens."""
-    import torch
+def teacher_kl_of(student_dir: Path, teacher_dir: Path, records: list[Any]) -> float:
     from transformers import AutoModelForCausalLM
 
-    from distillation_runtime.losses import kd_divergence
+    from distillation_runtime.stages.evaluate import teacher_kl
 
-    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    values = []
-    with torch.no_grad():
-        for record in records:
-            ids = torch.tensor([record.prompt_ids + record.response_ids])
-            answer = slice(len(record.prompt_ids) - 1, ids.shape[1] - 1)  # predicts the answer
-            s, t = student(ids).logits[0, answer], teacher(ids).logits[0, answer]
-            mask = torch.ones(s.shape[0], dtype=torch.bool)
-            values.append(float(kd_divergence(s, t, mask, divergence="forwardKL")))
-    return sum(values) / len(values)
+    load = AutoModelForCausalLM.from_pretrained
+    return teacher_kl(load(student_dir), load(teacher_dir), records, batch_size=16)
 
 
 def test_sampled_teacher_tokens_alone_teach_the_teachers_distribution(workdir: Path) -> None:
@@ -312,7 +301,7 @@ def test_sampled_teacher_tokens_alone_teach_the_teachers_distribution(workdir: P
     )
     model_dir = run(sampled)
     assert {"logits", "loss"} <= set(metrics(workdir / "sampled")[0])
-    before = teacher_kl(workdir / "student", sharp, records[:16])
-    after = teacher_kl(model_dir, sharp, records[:16])
+    before = teacher_kl_of(workdir / "student", sharp, records[:16])
+    after = teacher_kl_of(model_dir, sharp, records[:16])
     print(f"forward KL to the teacher: {before:.3f} before, {after:.3f} after")
     assert after < 0.8 * before, (before, after)  # seen: 1.431 -> 0.939

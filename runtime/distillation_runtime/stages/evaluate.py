@@ -84,6 +84,40 @@ def perplexity(model: Any, records: list[Record], batch_size: int) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
+def teacher_kl(student: Any, teacher: Any, records: list[Record], batch_size: int) -> float:
+    """Forward KL(teacher || student) over the whole vocabulary, mean over the records'
+    response tokens: how much of the teacher's distribution, not only its answers, the student
+    learned (what logit distillation is for). Both models must share the tokenizer."""
+    import torch
+
+    from distillation_runtime.losses import kd_divergence
+    from distillation_runtime.records import collate
+
+    student.eval()
+    teacher.eval()
+    total, count = 0.0, 0
+    pad = student.config.pad_token_id if student.config.pad_token_id is not None else 0
+    for start in range(0, len(records), batch_size):
+        batch = collate(records[start : start + batch_size], pad, max_length=1_000_000)
+        batch = batch.to(student.device)
+        with torch.no_grad():
+            ours = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            theirs = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        mask = batch.loss_mask
+        if not mask.any():
+            continue
+        vocab = min(ours.shape[-1], theirs.shape[-1])
+        mean = kd_divergence(
+            ours[mask][:, :vocab],
+            theirs[mask][:, :vocab],
+            torch.ones(int(mask.sum()), dtype=torch.bool, device=mask.device),
+            divergence="forwardKL",
+        )
+        total += float(mean) * int(mask.sum())
+        count += int(mask.sum())
+    return total / count if count else float("nan")
+
+
 def _load(folder: str) -> tuple[Any, Any]:
     """A model and its tokenizer, loaded once per evaluation (on the GPU when there is one)."""
     from distillation_runtime.generation import load_for_inference
