@@ -38,6 +38,14 @@ def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
+def init_address() -> str | None:
+    """What ``ray.init`` connects to: the Ray job's cluster inside one (None: its
+    ``RAY_ADDRESS``), else ``"local"``, a Ray of this run's own. Without it ``ray.init`` joins
+    whatever cluster /tmp/ray records as current, and a run killed mid-way leaves that record
+    behind: every later run failed with "Failed to connect to Ray cluster"."""
+    return None if in_ray_job() else "local"
+
+
 def worker_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[WorkerNode]:
     """The alive nodes with CPUs to offer (``ray.nodes()`` entries), the biggest first. The
     operator's head has ``num-cpus: 0``, so it is never one of them."""

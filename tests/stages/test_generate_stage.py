@@ -158,3 +158,40 @@ def test_sampled_teacher_tokens_are_draws_from_its_distribution(tmp_path: Path) 
     # the teacher's most likely token: its share of the draws is its probability on average
     assert abs(sum(gaps) / len(gaps)) < 0.02
     assert float(torch.tensor(gaps).std()) < 0.12  # 64 draws: a share's spread is about 0.06
+
+
+STALE_RUN = """
+import sys
+from pathlib import Path
+from distillation_runtime.spec import GenerateSpec
+from distillation_runtime.stages.generate import PromptItem, run
+items = [PromptItem(p, "train") for p in ("1+2=", "3+4=", "5+6=", "7+8=")]
+spec = GenerateSpec.model_validate({"maxNewTokens": 2, "batchSize": 2})
+result = run(sys.argv[1], items, spec, Path(sys.argv[2]), actors=2)
+print("records", result.records)
+"""
+
+
+def test_a_cluster_a_killed_run_left_recorded_is_not_joined(tmp_path: Path) -> None:
+    """A run killed mid-way leaves /tmp/ray's record of its cluster: a later local run starts a
+    Ray of its own instead of failing to connect to the dead one (seen in CI)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    tokenizer = make_tokenizer()
+    folder = save_pretrained(make_model(tokenizer, ModelSize(), seed=8), tokenizer, tmp_path / "t")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nobody listens
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    done = subprocess.run(
+        [sys.executable, "-c", STALE_RUN, str(folder), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "records 4" in done.stdout

@@ -200,3 +200,14 @@ def test_stages_run_on_a_worker_node_and_ray_train_spreads_over_both(
     # checkpoints live beside the artifacts, where a new pod (or any worker) finds them
     work = Path(two["output"]) / "_work" / Path(two_plan.artifact("train")).name
     assert list((work / "checkpoints").glob("step-*")), work
+
+
+def test_ray_is_joined_inside_a_ray_job_and_started_anew_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distillation_runtime.raycluster import init_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what the job supervisor sets
+    assert init_address() is None  # ray.init reads RAY_ADDRESS: the job's cluster
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert init_address() == "local"  # never a cluster another run left recorded

@@ -275,8 +275,10 @@ def _generate_ray_data(
 ) -> list[tuple[str, Record]]:
     import ray
 
+    from distillation_runtime.raycluster import init_address
+
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address=init_address(), include_dashboard=False, log_to_driver=False)
     items = [{"prompt": p.text, "split": p.split, "reference": p.reference} for p in prompts]
     dataset = ray.data.from_items(items).map_batches(
         TransformersGenerator,

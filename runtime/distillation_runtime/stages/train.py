@@ -816,13 +816,18 @@ def _run_with_ray(job: TrainJob) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distillation_runtime.raycluster import cluster_workers, in_ray_job, train_workers
+    from distillation_runtime.raycluster import (
+        cluster_workers,
+        in_ray_job,
+        init_address,
+        train_workers,
+    )
 
     if in_ray_job():
         sizing = train_workers(cluster_workers())
     else:
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(address=init_address(), include_dashboard=False, log_to_driver=True)
         gpu = torch.cuda.is_available()
         sizing = TrainWorkers(gpu, {"CPU": 1.0} | ({"GPU": 1.0} if gpu else {}))
     trainer = TorchTrainer(
