@@ -194,3 +194,37 @@ def test_a_budget_no_shape_can_meet_is_refused_before_any_forward_pass(tokenizer
     # and that budget is indeed met
     met = fit_budget(parameter_shapes(model), shape_of(model.config), floor, "width", True)
     assert (met.hidden, met.layers) == (72, 2)
+
+
+@pytest.mark.quantize
+@pytest.mark.parametrize("scheme", ["W4A16", "FP8_DYNAMIC"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_a_real_shape_quantises_and_reloads(
+    name: str, scheme: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """The quantize stage at real widths (W4A16 in groups of 128 of 576, 1024 and 3072 columns,
+    q/k norms, a sliding window, tied embeddings): a compressed-tensors checkpoint that
+    transformers reloads and that answers."""
+    from distillation_runtime.generation import greedy_answer_ids
+    from distillation_runtime.spec import QuantizeSpec
+    from distillation_runtime.stages.quantize import QuantizeJob
+    from distillation_runtime.stages.quantize import run as quantise
+
+    config = SHAPES[name](tokenizer)
+    model_dir = saved_teacher(tmp_path / "model", config, tokenizer)
+    write_parquet(gold_records(tokenizer, sample_examples("addition", 16, seed=1)), tmp_path / "c")
+    quantise(
+        QuantizeJob(
+            model=str(model_dir),
+            output=str(tmp_path / "quantized"),
+            quantize=QuantizeSpec.model_validate({"scheme": scheme, "calibrationSamples": 16}),
+            calibration=str(tmp_path / "c"),
+            max_seq_length=32,
+        )
+    )
+    folder = tmp_path / "quantized" / MODEL_DIR
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert reloaded.config.quantization_config is not None
+    assert reloaded.config.hidden_size == config.hidden_size
+    [answer] = greedy_answer_ids(folder, ["12+34="], max_new_tokens=4)
+    assert len(answer) >= 1  # it generates
