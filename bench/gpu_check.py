@@ -44,6 +44,8 @@ CHECKS = ("vllm-generate", "fsdp-nccl", "vllm-quantized")
 QUANTIZED_SCHEMES = ("W4A16", "FP8_DYNAMIC")
 HELD_OUT = 32
 ANSWER_TOKENS = 8
+STUDENT_WIDTHS = {"hidden": 128, "intermediate": 256, "layers": 2, "heads": 4, "kv_heads": 2}
+"""Multiples of W4A16's group size (128): the students of the FSDP and quantised checks."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def trained_student(root: Path, steps: int) -> tuple[Path, Path, list[str]]:
     from distillation_runtime.records import write_parquet
 
     tokenizer = make_tokenizer()
-    size = ModelSize(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2)
+    size = ModelSize(**STUDENT_WIDTHS)
     start = save_pretrained(make_model(tokenizer, size, seed=0), tokenizer, root / "init")
     examples = sample_examples("reversal", 400, seed=0)
     records = gold_records(tokenizer, examples)
@@ -266,7 +268,7 @@ def check_fsdp(settings: Settings, root: Path) -> CheckResult:
     from distillation_runtime.stages.train import FINAL_MODEL, TrainJob
 
     tokenizer = make_tokenizer()
-    size = ModelSize(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2)
+    size = ModelSize(**STUDENT_WIDTHS)
     student = save_pretrained(make_model(tokenizer, size, seed=0), tokenizer, root / "student")
     write_parquet(
         gold_records(tokenizer, sample_examples("addition", 128, seed=0)), root / "data.parquet"
